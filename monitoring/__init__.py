@@ -1,0 +1,1 @@
+"""Operations: metrics, drift detection, Prometheus configuration, alert rules, dashboards."""

@@ -1,0 +1,357 @@
+"""The store of predictions, feedback and retrain jobs: SQLite by default, PostgreSQL by URL.
+
+SQLAlchemy 2 Core, no ORM: the rows are simple and the hot path (batched prediction inserts) wants
+``executemany``. SQLite runs in WAL mode with ``synchronous=FULL``, so a committed transaction
+survives a crash of the process or the machine; every write is one transaction.
+
+Embeddings are float32 vectors stored as bytes, tagged with the id of the encoder that produced
+them (``encoder_id``): retraining reuses an embedding only when its encoder is the one it trains on.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from sqlalchemy import (
+    bindparam,
+    Column,
+    Float,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+from refit.errors import ConflictError, NotFoundError
+
+metadata = MetaData()
+
+predictions = Table(
+    "predictions",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("created_at", Float, nullable=False, index=True),
+    Column("model_version", String(32), nullable=False),
+    Column("text", Text, nullable=False),
+    Column("label", String(200), nullable=False),
+    Column("confidence", Float, nullable=False),
+    Column("embedding", LargeBinary, nullable=False),
+)
+
+feedback = Table(
+    "feedback",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("created_at", Float, nullable=False, index=True),
+    Column("prediction_id", String(40), nullable=True, index=True),
+    Column("text", Text, nullable=False),
+    Column("label", String(200), nullable=False),
+    Column("predicted_label", String(200), nullable=True),
+    Column("model_version", String(32), nullable=True),
+    Column("embedding", LargeBinary, nullable=True),
+    Column("encoder_id", String(64), nullable=True),
+)
+
+retrain_jobs = Table(
+    "retrain_jobs",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("phase", String(20), nullable=False),
+    # 1 while the job is running, NULL once it ended: the UNIQUE constraint admits one running job.
+    Column("running", Integer, nullable=True, unique=True),
+    Column("pid", Integer, nullable=True),
+    Column("host", String(255), nullable=True),
+    Column("options", Text, nullable=False),
+    Column("progress", Text, nullable=True),
+    Column("result", Text, nullable=True),
+    Column("error", Text, nullable=True),
+)
+
+TERMINAL_PHASES = ("done", "failed")
+
+
+@dataclass(frozen=True)
+class PredictionRecord:
+    id: str
+    created_at: float
+    model_version: str
+    text: str
+    label: str
+    confidence: float
+    embedding: bytes
+
+
+@dataclass(frozen=True)
+class FeedbackRecord:
+    prediction_id: str | None
+    text: str
+    label: str
+    predicted_label: str | None = None
+    model_version: str | None = None
+    embedding: bytes | None = None
+    encoder_id: str | None = None
+
+
+@dataclass(frozen=True)
+class StoredFeedback:
+    id: int
+    created_at: float
+    prediction_id: str | None
+    text: str
+    label: str
+    predicted_label: str | None
+    model_version: str | None
+    embedding: np.ndarray | None
+    encoder_id: str | None
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def vector_bytes(vector: np.ndarray) -> bytes:
+    return np.ascontiguousarray(vector, dtype=np.float32).tobytes()
+
+
+def bytes_vector(blob: bytes | None) -> np.ndarray | None:
+    return None if blob is None else np.frombuffer(blob, dtype=np.float32)
+
+
+class Store:
+    """All persistent state besides the model registry."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        # Several workers start at once: creating the tables can race; the loser retries and
+        # then finds them.
+        for attempt in range(5):
+            try:
+                metadata.create_all(engine)
+                break
+            except (OperationalError, ProgrammingError, IntegrityError):
+                if attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+
+    @classmethod
+    def from_url(cls, url: str) -> Store:
+        if url.startswith("sqlite"):
+            path = url.removeprefix("sqlite:///")
+            if path and path != ":memory:":
+                from pathlib import Path
+
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
+            event.listen(engine, "connect", _sqlite_pragmas)
+        else:
+            engine = create_engine(url, pool_size=4, max_overflow=4, pool_pre_ping=True)
+        return cls(engine)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- predictions ------------------------------------------------------------------------
+
+    def insert_predictions(self, rows: Sequence[PredictionRecord]) -> None:
+        if not rows:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(insert(predictions), [row.__dict__ for row in rows])
+
+    def get_predictions(self, ids: Iterable[str]) -> dict[str, PredictionRecord]:
+        wanted = list(set(ids))
+        if not wanted:
+            return {}
+        with self.engine.connect() as conn:
+            result = conn.execute(select(predictions).where(predictions.c.id.in_(wanted)))
+            return {row.id: PredictionRecord(**row._asdict()) for row in result}
+
+    def count_predictions(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(predictions)).scalar_one())
+
+    def recent_predictions(
+        self, limit: int, model_version: str | None = None
+    ) -> list[PredictionRecord]:
+        """The newest ``limit`` predictions (of one model version if given), oldest first."""
+        query = select(predictions).order_by(predictions.c.created_at.desc()).limit(limit)
+        if model_version is not None:
+            query = query.where(predictions.c.model_version == model_version)
+        with self.engine.connect() as conn:
+            rows = [PredictionRecord(**row._asdict()) for row in conn.execute(query)]
+        rows.reverse()
+        return rows
+
+    def enforce_retention(self, max_rows: int, max_age_seconds: float) -> int:
+        """Delete predictions beyond the newest ``max_rows`` or older than the age limit."""
+        cutoff = time.time() - max_age_seconds
+        with self.engine.begin() as conn:
+            deleted = conn.execute(delete(predictions).where(predictions.c.created_at < cutoff)).rowcount
+            boundary = conn.execute(
+                select(predictions.c.created_at)
+                .order_by(predictions.c.created_at.desc())
+                .offset(max_rows)
+                .limit(1)
+            ).scalar()
+            if boundary is not None:
+                deleted += conn.execute(
+                    delete(predictions).where(predictions.c.created_at <= boundary)
+                ).rowcount
+        return int(deleted or 0)
+
+    # -- feedback -----------------------------------------------------------------------------
+
+    def insert_feedback(self, items: Sequence[FeedbackRecord]) -> list[int]:
+        """Insert all items in one transaction; returns their ids in order."""
+        now = time.time()
+        ids: list[int] = []
+        with self.engine.begin() as conn:
+            for item in items:
+                result = conn.execute(insert(feedback).values(created_at=now, **item.__dict__))
+                ids.append(int(result.inserted_primary_key[0]))
+        return ids
+
+    def count_feedback(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(feedback)).scalar_one())
+
+    def all_feedback(self) -> list[StoredFeedback]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(feedback).order_by(feedback.c.id))
+            return [
+                StoredFeedback(**{**row._asdict(), "embedding": bytes_vector(row.embedding)})
+                for row in rows
+            ]
+
+    def cache_feedback_embeddings(
+        self, vectors: dict[int, np.ndarray], encoder_id: str
+    ) -> None:
+        """Remember embeddings computed for feedback given by text, so they are computed once."""
+        if not vectors:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(feedback)
+                .where(feedback.c.id == bindparam("fid"))
+                .values(embedding=bindparam("vec"), encoder_id=encoder_id),
+                [{"fid": fid, "vec": vector_bytes(v)} for fid, v in vectors.items()],
+            )
+
+    def online_accuracy(self, window: int) -> tuple[int, float | None, dict[str, tuple[int, float]]]:
+        """Accuracy of the serving model as feedback reveals it.
+
+        Over the newest ``window`` feedback items given on logged predictions: how many there are,
+        the share the model got right, and per true label (items, share right).
+        """
+        query = (
+            select(feedback.c.label, feedback.c.predicted_label)
+            .where(feedback.c.predicted_label.is_not(None))
+            .order_by(feedback.c.id.desc())
+            .limit(window)
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        if not rows:
+            return 0, None, {}
+        per_label: dict[str, list[int]] = {}
+        right = 0
+        for label, predicted in rows:
+            hit = int(label == predicted)
+            right += hit
+            entry = per_label.setdefault(label, [0, 0])
+            entry[0] += 1
+            entry[1] += hit
+        return (
+            len(rows),
+            right / len(rows),
+            {label: (n, hits / n) for label, (n, hits) in per_label.items()},
+        )
+
+    # -- retrain jobs ------------------------------------------------------------------------
+
+    def create_job(self, job_id: str, options: dict[str, Any]) -> None:
+        """Record a new running job; raises ConflictError naming the job already running."""
+        now = time.time()
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    insert(retrain_jobs).values(
+                        id=job_id, created_at=now, updated_at=now, phase="queued", running=1,
+                        options=json.dumps(options),
+                    )
+                )
+        except IntegrityError:
+            running = self.running_job()
+            raise ConflictError(
+                f"a retrain job is already running: {running['job_id'] if running else 'unknown'}",
+                running_job_id=running["job_id"] if running else None,
+            ) from None
+
+    def update_job(self, job_id: str, **fields: Any) -> None:
+        values: dict[str, Any] = {"updated_at": time.time()}
+        for key, value in fields.items():
+            values[key] = json.dumps(value) if key in ("progress", "result") else value
+        if values.get("phase") in TERMINAL_PHASES:
+            values["running"] = None
+        with self.engine.begin() as conn:
+            conn.execute(update(retrain_jobs).where(retrain_jobs.c.id == job_id).values(**values))
+
+    def get_job(self, job_id: str) -> dict[str, Any]:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(retrain_jobs).where(retrain_jobs.c.id == job_id)).first()
+        if row is None:
+            raise NotFoundError(f"no retrain job {job_id!r}", field="job_id")
+        return _job_dict(row._asdict())
+
+    def running_job(self) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(retrain_jobs).where(retrain_jobs.c.running == 1)).first()
+        return None if row is None else _job_dict(row._asdict())
+
+    def list_jobs(self, limit: int = 20) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(retrain_jobs).order_by(retrain_jobs.c.created_at.desc()).limit(limit)
+            ).all()
+        return [_job_dict(row._asdict()) for row in rows]
+
+
+def _job_dict(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "job_id": row["id"],
+        "phase": row["phase"],
+        "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
+        "pid": row["pid"],
+        "host": row["host"],
+        "options": json.loads(row["options"]),
+        "progress": json.loads(row["progress"]) if row["progress"] else None,
+        "result": json.loads(row["result"]) if row["result"] else None,
+        "error": row["error"],
+    }

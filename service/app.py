@@ -1,0 +1,217 @@
+"""The HTTP surface: a BentoML service. The only module that imports bentoml or starlette.
+
+BentoML runs the worker processes, their lifecycle hooks and the ``/livez`` and ``/readyz``
+probes. The API itself is a small Starlette app mounted into the service, so that every response,
+error included, is ours: JSON bodies naming the field and the problem, the right 4xx status, a
+413 for oversized bodies, and no framework layers on the hot path beyond what a request needs
+(see BENCHMARKS.md for what that buys). Each handler parses the wire type, calls the data plane
+and renders the result; :class:`~refit.errors.RefitError` maps to its status in one place.
+
+Start it with ``bentoml serve .`` (or ``make serve``) from the repository root.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Awaitable, Callable, TypeVar
+
+import bentoml
+import orjson
+from pydantic import BaseModel, ValidationError
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from monitoring.metrics import metrics, render_latest
+from refit.errors import (
+    BadRequestError,
+    InvalidInputError,
+    MethodNotAllowedError,
+    PayloadTooLargeError,
+    RefitError,
+    UnsupportedMediaTypeError,
+)
+from refit.settings import load_settings
+from service.dataplane import DataPlane
+from service.schemas import FeedbackRequest, PredictRequest, PromoteRequest
+
+log = logging.getLogger("refit.http")
+
+settings = load_settings()
+plane = DataPlane(settings)
+
+ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+Model = TypeVar("Model", bound=BaseModel)
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+def error_response(exc: RefitError) -> Response:
+    return json_response(exc.to_dict(), int(exc.status))
+
+
+def _field_path(location: tuple[Any, ...]) -> str:
+    path = ""
+    for part in location:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "body"
+
+
+async def read_json(request: Request, model: type[Model]) -> Model:
+    """Parse the body as ``model``: 415 for another media type, 413 when too large, 400 for
+    malformed JSON, 422 naming the field for anything the schema rejects."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise UnsupportedMediaTypeError(
+            f"expected content-type application/json, got {media_type or 'none'!r}",
+            field="content-type",
+        )
+    limit = settings.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"body of {declared} bytes exceeds the {limit}-byte limit")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLargeError(f"body exceeds the {limit}-byte limit")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise BadRequestError("client disconnected while sending the body") from None
+    body = b"".join(chunks)
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False, include_context=False)
+        if any(e["type"] == "json_invalid" for e in errors):
+            raise BadRequestError(f"body is not valid JSON: {errors[0]['msg']}", field="body") from None
+        problems = [
+            {"field": _field_path(tuple(e["loc"])), "problem": _problem(e)} for e in errors[:20]
+        ]
+        first = problems[0]
+        raise InvalidInputError(
+            f"{first['field']}: {first['problem']}", field=first["field"], errors=problems
+        ) from None
+
+
+def _problem(error: dict[str, Any]) -> str:
+    if error["type"] == "extra_forbidden":
+        return "unknown field"
+    if error["type"] == "missing":
+        return "required field is missing"
+    return str(error["msg"]).removeprefix("Value error, ")
+
+
+def route(path: str, name: str, handlers: dict[str, Handler]) -> Route:
+    """A route that answers every method: unknown ones get a JSON 405, errors their status."""
+    allowed = ", ".join(sorted(handlers))
+
+    async def endpoint(request: Request) -> Response:
+        started = time.perf_counter()
+        handler = handlers.get(request.method)
+        try:
+            if handler is None:
+                raise MethodNotAllowedError(
+                    f"{request.method} is not allowed on {path}; use {allowed}"
+                )
+            response = await handler(request)
+        except RefitError as exc:
+            response = error_response(exc)
+        except Exception:  # noqa: BLE001 - never leak internals; the log has the traceback
+            log.exception("unhandled error on %s %s", request.method, path)
+            response = json_response({"error": "internal error; see the server log"}, 500)
+        if handler is None:
+            response.headers["allow"] = allowed
+        m = metrics()
+        status = str(response.status_code)
+        m.http_requests.labels(endpoint=name, status=status).inc()
+        m.http_duration.labels(endpoint=name, status=status).observe(time.perf_counter() - started)
+        return response
+
+    return Route(path, endpoint, methods=ALL_METHODS, name=name)
+
+
+# -- handlers ----------------------------------------------------------------------------------
+
+
+async def predict(request: Request) -> Response:
+    body = await read_json(request, PredictRequest)
+    return json_response(await plane.predict(body.texts))
+
+
+async def feedback(request: Request) -> Response:
+    body = await read_json(request, FeedbackRequest)
+    return json_response(await plane.feedback(body.items))
+
+
+async def list_models(request: Request) -> Response:
+    return json_response(plane.models())
+
+
+async def promote(request: Request) -> Response:
+    body = await read_json(request, PromoteRequest)
+    return json_response(await plane.promote(body.version))
+
+
+async def prometheus_metrics(request: Request) -> Response:
+    return Response(render_latest(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def index(request: Request) -> Response:
+    return json_response(
+        {
+            "service": "refit",
+            "endpoints": {
+                "POST /predict": '{"texts": ["..."]}',
+                "POST /feedback": '{"items": [{"prediction_id" or "text": "...", "label": "..."}]}',
+                "GET /models": "versions, metrics, and what this worker serves",
+                "POST /models/promote": '{"version": "v3"}',
+                "GET /metrics": "Prometheus metrics",
+                "GET /livez, /readyz": "probes",
+            },
+        }
+    )
+
+
+http_app = Starlette(
+    routes=[
+        route("/predict", "predict", {"POST": predict}),
+        route("/feedback", "feedback", {"POST": feedback}),
+        route("/models", "models", {"GET": list_models}),
+        route("/models/promote", "promote", {"POST": promote}),
+        route("/metrics", "metrics", {"GET": prometheus_metrics}),
+        route("/", "index", {"GET": index}),
+    ]
+)
+
+
+@bentoml.service(
+    name="refit",
+    workers=settings.workers,
+    # Our handlers time and count requests themselves; BentoML's per-request metrics and
+    # access log would add a large share to the CPU each request costs.
+    traffic={"timeout": 120},
+    metrics={"enabled": False},
+    logging={"access": {"enabled": False}},
+)
+@bentoml.asgi_app(http_app, path="/")
+class RefitService:
+    """Serves the registry's current model version; see the module docstring."""
+
+    @bentoml.on_startup
+    async def start(self) -> None:
+        await plane.start()
+
+    @bentoml.on_shutdown
+    async def stop(self) -> None:
+        await plane.stop()
+
+    def __is_ready__(self) -> bool:
+        return plane.ready

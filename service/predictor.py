@@ -1,0 +1,179 @@
+"""The model a worker serves, and how it follows the registry's ``current`` pointer.
+
+Each worker process holds one :class:`ServingModel` reference. A watcher thread polls the pointer;
+when it names another version, the watcher loads that version and warms it up off the request
+path, then swaps the reference in one assignment. A batch reads the reference once, so it runs on
+one version from start to end, and batches in flight finish on the old session, which is freed
+when the last of them lets go. A version that fails to load leaves the old one serving; the failure
+is logged, counted and shown by ``/models``, and not retried until the pointer changes again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from adapters.registry import ModelRegistry
+from adapters.runtime import OnnxClassifier
+from monitoring.metrics import metrics
+from refit.errors import NotReadyError
+
+log = logging.getLogger("refit.predictor")
+
+
+@dataclass(frozen=True)
+class ServingModel:
+    version: str
+    classifier: OnnxClassifier
+    labels: tuple[str, ...]
+    encoder_id: str
+    loaded_at: float
+
+
+@dataclass(frozen=True)
+class BatchOutput:
+    """What one inference batch produced, and with which version."""
+
+    model: ServingModel
+    probabilities: np.ndarray
+    embeddings: np.ndarray
+    predicted: np.ndarray
+    confidence: np.ndarray
+
+
+@dataclass
+class SwapStatus:
+    last_error: str | None = None
+    failed_version: str | None = None
+    swaps: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class ModelHolder:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        ort_threads: int = 1,
+        poll_interval_s: float = 1.0,
+        on_swap: Callable[[ServingModel], None] | None = None,
+    ) -> None:
+        self.registry = registry
+        self.ort_threads = ort_threads
+        self.poll_interval_s = poll_interval_s
+        self.on_swap = on_swap
+        self._model: ServingModel | None = None
+        self._load_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.status = SwapStatus()
+
+    @property
+    def model(self) -> ServingModel | None:
+        return self._model
+
+    @property
+    def ready(self) -> bool:
+        return self._model is not None
+
+    def require(self) -> ServingModel:
+        model = self._model
+        if model is None:
+            raise NotReadyError(
+                f"no model is loaded: the registry at {self.registry.root} has no current version "
+                "yet (train one with `refit train`)"
+            )
+        return model
+
+    # -- inference -------------------------------------------------------------------------------
+
+    def run_batch(self, texts: list[str]) -> BatchOutput:
+        model = self.require()  # read once: the whole batch runs on this version
+        started = time.perf_counter()
+        output = model.classifier.predict(texts)
+        probabilities = output.probabilities
+        predicted = probabilities.argmax(axis=1)
+        confidence = probabilities[np.arange(len(texts)), predicted]
+        m = metrics()
+        m.inference_duration.observe(time.perf_counter() - started)
+        m.batch_size.observe(len(texts))
+        return BatchOutput(model, probabilities, output.embeddings, predicted, confidence)
+
+    # -- loading and swapping ---------------------------------------------------------------------
+
+    def sync(self) -> bool:
+        """Load the version the pointer names if it is not the one served; True if swapped."""
+        pointer = self.registry.pointer()
+        if pointer is None:
+            return False
+        current = self._model
+        if current is not None and current.version == pointer.version:
+            return False
+        if pointer.version == self.status.failed_version:
+            return False
+        with self._load_lock:
+            current = self._model
+            if current is not None and current.version == pointer.version:
+                return False
+            return self._load(pointer.version)
+
+    def _load(self, version_name: str) -> bool:
+        m = metrics()
+        started = time.perf_counter()
+        try:
+            version = self.registry.get(version_name)
+            classifier = OnnxClassifier(version.path, intra_op_threads=self.ort_threads)
+            classifier.warm_up()
+            model = ServingModel(
+                version=version.name,
+                classifier=classifier,
+                labels=tuple(classifier.labels),
+                encoder_id=version.manifest["encoder"].get("id", version.manifest["encoder"]["sha256"]),
+                loaded_at=time.time(),
+            )
+        except Exception as exc:  # noqa: BLE001 - any load failure keeps the old model
+            self.status.last_error = f"loading {version_name} failed: {exc}"
+            self.status.failed_version = version_name
+            m.model_swaps.labels(outcome="failed").inc()
+            log.error("model swap failed, still serving %s: %s",
+                      self._model.version if self._model else "nothing", exc)
+            return False
+        seconds = time.perf_counter() - started
+        previous = self._model
+        self._model = model  # the swap: one reference assignment
+        self.status.swaps += 1
+        self.status.last_error = None
+        self.status.failed_version = None
+        self.status.history = (self.status.history + [
+            {"version": model.version, "at": model.loaded_at, "load_seconds": round(seconds, 3)}
+        ])[-10:]
+        m.model_swaps.labels(outcome="loaded").inc()
+        m.model_load_duration.observe(seconds)
+        if previous is not None:
+            m.model_info.labels(model_version=previous.version).set(0)
+        m.model_info.labels(model_version=model.version).set(1)
+        log.info("serving model %s (was %s), loaded and warmed in %.2fs",
+                 model.version, previous.version if previous else "none", seconds)
+        if self.on_swap is not None:
+            self.on_swap(model)
+        return True
+
+    def start_watching(self) -> None:
+        self._thread = threading.Thread(target=self._watch, name="model-watcher", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_interval_s):
+            try:
+                self.sync()
+            except Exception:  # noqa: BLE001 - the watcher must outlive a bad poll
+                log.exception("model watcher poll failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)

@@ -1,0 +1,147 @@
+"""Real servers for end-to-end tests: BentoML on a free port, PostgreSQL, Prometheus.
+
+Nothing here is mocked: ``ServiceProcess`` runs ``bentoml serve`` in a subprocess exactly as
+``make serve`` does, with its own registry copy, data folder and BentoML home.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+BENTOML = Path(sys.executable).parent / "bentoml"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class ServiceProcess:
+    registry: Path
+    data_dir: Path
+    env: dict[str, str] = field(default_factory=dict)
+    workers: int = 2
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / f"serve-{self.port}.log"
+
+    def environment(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "REFIT_REGISTRY_PATH": str(self.registry),
+            "REFIT_DATA_DIR": str(self.data_dir),
+            "REFIT_WORKERS": str(self.workers),
+            "REFIT_SWAP_POLL_INTERVAL_S": "0.5",
+            "BENTOML_HOME": str(self.data_dir / "bentoml"),
+            "BENTOML_DO_NOT_TRACK": "True",
+            **self.env,
+        }
+
+    def start(self, wait_ready: bool = True, timeout: float = 120) -> ServiceProcess:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [str(BENTOML), "serve", ".", "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=ROOT, env=self.environment(), stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        want = "/readyz" if wait_ready else "/livez"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + want, timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise TimeoutError(f"server not {want} after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text()[-6000:]
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait(timeout=10)
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 60), **kwargs)
+
+
+def copy_registry(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target, symlinks=True)
+    return target
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------------
+
+PG_USER = "refit_test"
+PG_PASSWORD = "refit_test"
+
+
+def postgres_url(database: str) -> tuple[str | None, str]:
+    """Start the machine's PostgreSQL 15 cluster and create a fresh database.
+
+    Returns ``(url, "")`` or ``(None, reason)`` when PostgreSQL cannot be started here.
+    """
+    if shutil.which("pg_ctlcluster") is None:
+        return None, "pg_ctlcluster not found (PostgreSQL 15 is not installed)"
+    start = subprocess.run(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", "15", "main", "start"],
+        capture_output=True, text=True,
+    )
+    if start.returncode not in (0, 2) and "already running" not in start.stderr:
+        return None, f"pg_ctlcluster failed: {start.stderr.strip()}"
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    statements = [
+        f"DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname='{PG_USER}') THEN "
+        f"CREATE ROLE {PG_USER} LOGIN PASSWORD '{PG_PASSWORD}' CREATEDB; END IF; END$$;",
+        f"DROP DATABASE IF EXISTS {database};",
+        f"CREATE DATABASE {database} OWNER {PG_USER};",
+    ]
+    for _ in range(30):
+        ready = subprocess.run([*as_postgres, "psql", "-qAtc", "select 1"], capture_output=True, text=True)
+        if ready.returncode == 0:
+            break
+        time.sleep(0.5)
+    else:
+        return None, f"PostgreSQL did not accept connections: {ready.stderr.strip()}"
+    for statement in statements:
+        done = subprocess.run([*as_postgres, "psql", "-qAtc", statement], capture_output=True, text=True)
+        if done.returncode != 0:
+            return None, f"psql failed: {done.stderr.strip()}"
+    return f"postgresql+psycopg://{PG_USER}:{PG_PASSWORD}@127.0.0.1:5432/{database}", ""
