@@ -13,6 +13,7 @@ import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -208,3 +209,21 @@ def head_probabilities(head: ClassifierHead, embeddings: np.ndarray) -> np.ndarr
     head.eval()
     logits = head(torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32)))
     return torch.softmax(logits, dim=1).numpy()
+
+
+def save_head(head: ClassifierHead, path: Path) -> None:
+    """The head's weights as plain arrays (with its shape), so it can be rebuilt without ONNX."""
+    arrays = {name: tensor.detach().numpy() for name, tensor in head.state_dict().items()}
+    np.savez(path, **arrays)
+
+
+def load_head(path: Path, hidden_size: int, dropout: float) -> ClassifierHead:
+    with np.load(path) as arrays:
+        state = {name: torch.from_numpy(arrays[name].copy()) for name in arrays.files}
+    last = max((k for k in state if k.endswith(".weight")), key=lambda k: int(k.split(".")[1]))
+    num_classes, _ = state[last].shape
+    input_dim = state["center"].shape[0]
+    head = ClassifierHead(input_dim, int(num_classes), hidden_size, dropout)
+    head.load_state_dict(state)
+    head.eval()
+    return head

@@ -39,7 +39,14 @@ from adapters.encoder import (
 )
 from adapters.evaluation import classification_report
 from adapters.export import OPSET, check_parity, export_onnx, sha256_file
-from adapters.head import ClassifierHead, HeadConfig, head_probabilities, train_head
+from adapters.head import (
+    ClassifierHead,
+    HeadConfig,
+    head_probabilities,
+    load_head,
+    save_head,
+    train_head,
+)
 from adapters.registry import ModelRegistry, ModelVersion, utc_now
 from adapters.search import SearchOptions, search_head
 from adapters.tokenization import DEFAULT_MAX_SEQ_LENGTH, TextTokenizer
@@ -283,6 +290,7 @@ def build_version(
         parity = check_parity(encoder, head, tokenizer, onnx_path, splits.test.texts)
         shutil.copyfile(tokenizer.path, staged.path / "tokenizer.json")
         (staged.path / "labels.json").write_text(json.dumps(labels, indent=1) + "\n")
+        save_head(head, staged.path / "head.npz")
         if encoder_weights_from is not None:
             _link_tree(encoder_weights_from, staged.path / "encoder")
         elif fine_tuned_layers > 0:
@@ -382,3 +390,26 @@ def _link_tree(source: Path, target: Path) -> None:
             os.link(item, target / item.name)
         except OSError:
             shutil.copy2(item, target / item.name)
+
+
+def version_encoder(version: ModelVersion) -> SentenceEncoder:
+    """The PyTorch encoder a version was built with (fine-tuned weights or the package's)."""
+    if version.manifest["encoder"].get("fine_tuned_layers", 0) > 0:
+        return load_encoder(version.path / "encoder")
+    return load_encoder()
+
+
+def version_head(version: ModelVersion) -> ClassifierHead:
+    head = version.manifest["training"]["head"]
+    return load_head(version.path / "head.npz", head["hidden_size"], head["dropout"])
+
+
+def version_data(version: ModelVersion) -> tuple[Splits, dict[str, np.ndarray]]:
+    """A version's data splits and their embeddings (by that version's encoder)."""
+    from adapters.data import read_jsonl
+
+    folder = version.path / "data"
+    splits = Splits(*(read_jsonl(folder / f"{name}.jsonl") for name in SPLITS))
+    with np.load(folder / "embeddings.npz") as arrays:
+        embeddings = {name: arrays[name].astype(np.float32) for name in SPLITS}
+    return splits, embeddings

@@ -101,6 +101,15 @@ class RefitSettings(BaseSettings):
             raise ValueError("must be sqlite:///PATH or postgresql+psycopg://USER@HOST/DB")
         return value
 
+    @field_validator("admin_token")
+    @classmethod
+    def _strong_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or value.get_secret_value() == "":
+            return None
+        if len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters (e.g. `openssl rand -hex 24`)")
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> RefitSettings:
         if self.drift_min_window > self.drift_window:

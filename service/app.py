@@ -12,6 +12,7 @@ Start it with ``bentoml serve .`` (or ``make serve``) from the repository root.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from typing import Any, Awaitable, Callable, TypeVar
@@ -31,11 +32,12 @@ from refit.errors import (
     MethodNotAllowedError,
     PayloadTooLargeError,
     RefitError,
+    UnauthorizedError,
     UnsupportedMediaTypeError,
 )
 from refit.settings import load_settings
 from service.dataplane import DataPlane
-from service.schemas import FeedbackRequest, PredictRequest, PromoteRequest
+from service.schemas import FeedbackRequest, PredictRequest, PromoteRequest, RetrainRequest
 
 log = logging.getLogger("refit.http")
 
@@ -138,6 +140,21 @@ def route(path: str, name: str, handlers: dict[str, Handler]) -> Route:
     return Route(path, endpoint, methods=ALL_METHODS, name=name)
 
 
+def admin_only(handler: Handler) -> Handler:
+    """Require ``Authorization: Bearer $REFIT_ADMIN_TOKEN`` when that setting is set."""
+    if settings.admin_token is None:
+        return handler
+    expected = ("Bearer " + settings.admin_token.get_secret_value()).encode()
+
+    async def guarded(request: Request) -> Response:
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, expected):
+            raise UnauthorizedError("this endpoint needs the admin token: Authorization: Bearer <token>")
+        return await handler(request)
+
+    return guarded
+
+
 # -- handlers ----------------------------------------------------------------------------------
 
 
@@ -160,6 +177,22 @@ async def promote(request: Request) -> Response:
     return json_response(await plane.promote(body.version))
 
 
+async def retrain(request: Request) -> Response:
+    body = await read_json(request, RetrainRequest)
+    job = await plane.retrain(body.model_dump())
+    response = json_response(job, 202)
+    response.headers["location"] = f"/retrain/{job['job_id']}"
+    return response
+
+
+async def retrain_status(request: Request) -> Response:
+    return json_response(await plane.retrain_status(request.path_params["job_id"]))
+
+
+async def retrain_jobs(request: Request) -> Response:
+    return json_response(await plane.retrain_jobs())
+
+
 async def prometheus_metrics(request: Request) -> Response:
     return Response(render_latest(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -172,7 +205,11 @@ async def index(request: Request) -> Response:
                 "POST /predict": '{"texts": ["..."]}',
                 "POST /feedback": '{"items": [{"prediction_id" or "text": "...", "label": "..."}]}',
                 "GET /models": "versions, metrics, and what this worker serves",
-                "POST /models/promote": '{"version": "v3"}',
+                "POST /models/promote": '{"version": "v3"} (admin)',
+                "POST /retrain": '{"unfreeze_layers": 0, "search": "none", "min_feedback": 20, '
+                '"force": false} (admin): starts a job',
+                "GET /retrain/{job_id}": "phase, progress and outcome of a job (admin)",
+                "GET /retrain": "recent jobs (admin)",
                 "GET /metrics": "Prometheus metrics",
                 "GET /livez, /readyz": "probes",
             },
@@ -185,7 +222,9 @@ http_app = Starlette(
         route("/predict", "predict", {"POST": predict}),
         route("/feedback", "feedback", {"POST": feedback}),
         route("/models", "models", {"GET": list_models}),
-        route("/models/promote", "promote", {"POST": promote}),
+        route("/models/promote", "promote", {"POST": admin_only(promote)}),
+        route("/retrain", "retrain", {"POST": admin_only(retrain), "GET": admin_only(retrain_jobs)}),
+        route("/retrain/{job_id}", "retrain_status", {"GET": admin_only(retrain_status)}),
         route("/metrics", "metrics", {"GET": prometheus_metrics}),
         route("/", "index", {"GET": index}),
     ]
@@ -207,6 +246,11 @@ class RefitService:
 
     @bentoml.on_startup
     async def start(self) -> None:
+        if settings.admin_token is None:
+            log.warning(
+                "REFIT_ADMIN_TOKEN is not set: /retrain and /models/promote are open to anyone "
+                "who can reach this service"
+            )
         await plane.start()
 
     @bentoml.on_shutdown

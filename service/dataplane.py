@@ -23,6 +23,7 @@ from refit.errors import InvalidInputError, NotFoundError
 from refit.settings import RefitSettings
 from refit.store import FeedbackRecord, PredictionRecord, Store, vector_bytes
 from service.batching import AdaptiveBatcher
+from service.jobs import RetrainJobs
 from service.prediction_log import PredictionLog
 from service.predictor import BatchOutput, ModelHolder, ServingModel
 from service.schemas import FeedbackItem
@@ -51,6 +52,7 @@ class DataPlane:
             self.registry, settings.ort_threads, settings.swap_poll_interval_s
         )
         self.prediction_log: PredictionLog | None = None
+        self.jobs: RetrainJobs | None = None
         self.batcher: AdaptiveBatcher[BatchOutput] = AdaptiveBatcher(
             self._run_batch,
             max_batch_size=settings.batch_max_size,
@@ -73,6 +75,8 @@ class DataPlane:
             retention_days=self.settings.retention_days,
         )
         self.prediction_log.start()
+        self.jobs = RetrainJobs(self.settings, self.store)
+        self.jobs.reconcile()
         self.registry.cleanup()
         self.holder.sync()  # load and warm the current version before reporting ready
         self.holder.start_watching()
@@ -288,6 +292,22 @@ class DataPlane:
             "note": f"every worker switches within about {self.settings.swap_poll_interval_s:g}s "
             "plus the load time",
         }
+
+
+    # -- retraining -------------------------------------------------------------------------------
+
+    async def retrain(self, options: dict[str, Any]) -> dict[str, Any]:
+        self.holder.require()
+        assert self.jobs is not None
+        return await asyncio.to_thread(self.jobs.submit, options)
+
+    async def retrain_status(self, job_id: str) -> dict[str, Any]:
+        assert self.jobs is not None
+        return await asyncio.to_thread(self.jobs.get, job_id)
+
+    async def retrain_jobs(self) -> dict[str, Any]:
+        assert self.jobs is not None
+        return {"jobs": await asyncio.to_thread(self.jobs.list)}
 
 
 @lru_cache(maxsize=64)

@@ -1,0 +1,133 @@
+"""Retrain jobs as seen from the service: start one, supervise it, report it.
+
+A job runs ``python -m adapters.retrain JOB_ID`` as a separate, lower-priority process, so
+training never competes with request handling for a worker's threads and the GIL, and killing it
+at any instant cannot touch the serving model (the registry only changes by atomic commit and
+promote). The job writes its own progress to the store. This side records the job (one at a time:
+the store enforces it), starts the process, and marks the job failed if the process dies without
+saying so: at once when the worker that started it sees it exit, or when anyone next reads the job
+and finds its process gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from monitoring.metrics import metrics
+from refit.errors import ConflictError
+from refit.settings import RefitSettings
+from refit.store import TERMINAL_PHASES, Store
+
+log = logging.getLogger("refit.jobs")
+
+# A job whose process is on another host is presumed dead after this long without an update.
+STALE_AFTER_S = 300.0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped by its parent) is not alive.
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(") ", 1)[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return True
+
+
+class RetrainJobs:
+    def __init__(self, settings: RefitSettings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+        self.log_dir = Path(settings.data_dir) / "jobs"
+        self.host = socket.gethostname()
+
+    def submit(self, options: dict[str, Any]) -> dict[str, Any]:
+        min_feedback = options.get("min_feedback") or self.settings.retrain_min_feedback
+        options = {**options, "min_feedback": min_feedback}
+        have = self.store.count_feedback()
+        if have < min_feedback:
+            raise ConflictError(
+                f"only {have} labelled feedback items; a retrain needs at least {min_feedback} "
+                "(POST more to /feedback, or lower min_feedback)",
+                feedback_items=have, min_feedback=min_feedback,
+            )
+        self.reconcile()
+        job_id = f"job-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        self.store.create_job(job_id, options)  # ConflictError names the running job
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_file = (self.log_dir / f"{job_id}.log").open("ab")
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "adapters.retrain", job_id],
+                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                start_new_session=True,
+            )
+        except OSError as exc:
+            self.store.update_job(job_id, phase="failed", error=f"could not start training: {exc}")
+            raise
+        finally:
+            log_file.close()
+        self.store.update_job(job_id, pid=process.pid, host=self.host)
+        threading.Thread(
+            target=self._supervise, args=(job_id, process, time.monotonic()),
+            name=f"supervise-{job_id}", daemon=True,
+        ).start()
+        log.info("retrain %s started as pid %d", job_id, process.pid)
+        return self.get(job_id)
+
+    def _supervise(self, job_id: str, process: subprocess.Popen[bytes], started: float) -> None:
+        code = process.wait()
+        job = self.store.get_job(job_id)
+        if job["phase"] not in TERMINAL_PHASES:
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+            self.store.update_job(job_id, phase="failed", error=f"the training process {how}")
+            job = self.store.get_job(job_id)
+        outcome = "failed" if job["phase"] == "failed" else (job["result"] or {}).get("outcome", "failed")
+        m = metrics()
+        m.retrain_jobs.labels(outcome=outcome).inc()
+        m.retrain_duration.labels(outcome=outcome).observe(time.monotonic() - started)
+        log.info("retrain %s ended: %s", job_id, outcome)
+
+    def reconcile(self) -> None:
+        """Mark the running job failed if its process is gone."""
+        job = self.store.running_job()
+        if job is None:
+            return
+        gone = False
+        if job["host"] == self.host and job["pid"] is not None:
+            gone = not _alive(job["pid"])
+        elif time.time() - job["updated_at"] > STALE_AFTER_S:
+            gone = True
+        elif job["pid"] is None and time.time() - job["created_at"] > 60:
+            gone = True  # recorded, but its process never started
+        if gone:
+            self.store.update_job(
+                job["job_id"], phase="failed",
+                error="the training process is gone (killed, or the server restarted under it)",
+            )
+
+    def get(self, job_id: str) -> dict[str, Any]:
+        job = self.store.get_job(job_id)
+        if job["phase"] not in TERMINAL_PHASES:
+            self.reconcile()
+            job = self.store.get_job(job_id)
+        return job
+
+    def list(self, limit: int = 20) -> list[dict[str, Any]]:
+        self.reconcile()
+        return self.store.list_jobs(limit)
