@@ -363,19 +363,25 @@ def _write_reference(
     embeddings: dict[str, np.ndarray],
     probabilities: dict[str, np.ndarray],
 ) -> None:
-    """What drift detection compares production traffic with: held-out data as this model sees it.
+    """What drift detection compares production traffic with.
 
-    Held-out rows are used because the model's confidence on its own training rows is inflated.
+    Predicted labels, confidences and text lengths come from the held-out splits (validation and
+    test): a model is over-confident on the texts it trained on, so those would make any
+    production traffic look drifted. Embeddings come from all the version's data.
     """
+    rng = np.random.default_rng(0)
     texts = splits.validation.texts + splits.test.texts
-    vectors = np.concatenate([embeddings["validation"], embeddings["test"]])
     probs = np.concatenate([probabilities["validation"], probabilities["test"]])
     rows = np.arange(len(texts))
     if len(rows) > REFERENCE_ROWS:
-        rows = np.sort(np.random.default_rng(0).choice(rows, REFERENCE_ROWS, replace=False))
+        rows = np.sort(rng.choice(rows, REFERENCE_ROWS, replace=False))
+    vectors = np.concatenate([embeddings[name] for name in SPLITS])
+    vector_rows = np.arange(len(vectors))
+    if len(vector_rows) > REFERENCE_ROWS:
+        vector_rows = np.sort(rng.choice(vector_rows, REFERENCE_ROWS, replace=False))
     np.savez(
         path,
-        embeddings=vectors[rows].astype(np.float32),
+        embeddings=vectors[vector_rows].astype(np.float32),
         predicted=probs[rows].argmax(axis=1).astype(np.int32),
         confidence=probs[rows].max(axis=1).astype(np.float32),
         text_length=np.array([len(texts[i]) for i in rows], dtype=np.int32),

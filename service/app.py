@@ -193,6 +193,15 @@ async def retrain_jobs(request: Request) -> Response:
     return json_response(await plane.retrain_jobs())
 
 
+async def drift(request: Request) -> Response:
+    return json_response(plane.drift())
+
+
+async def drift_report(request: Request) -> Response:
+    path = plane.drift_report_path()
+    return Response(path.read_bytes(), media_type="text/html; charset=utf-8")
+
+
 async def prometheus_metrics(request: Request) -> Response:
     return Response(render_latest(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -210,6 +219,8 @@ async def index(request: Request) -> Response:
                 '"force": false} (admin): starts a job',
                 "GET /retrain/{job_id}": "phase, progress and outcome of a job (admin)",
                 "GET /retrain": "recent jobs (admin)",
+                "GET /drift": "latest drift result per signal (JSON)",
+                "GET /drift/report": "Evidently's HTML report of the latest drift window",
                 "GET /metrics": "Prometheus metrics",
                 "GET /livez, /readyz": "probes",
             },
@@ -225,6 +236,8 @@ http_app = Starlette(
         route("/models/promote", "promote", {"POST": admin_only(promote)}),
         route("/retrain", "retrain", {"POST": admin_only(retrain), "GET": admin_only(retrain_jobs)}),
         route("/retrain/{job_id}", "retrain_status", {"GET": admin_only(retrain_status)}),
+        route("/drift", "drift", {"GET": drift}),
+        route("/drift/report", "drift_report", {"GET": drift_report}),
         route("/metrics", "metrics", {"GET": prometheus_metrics}),
         route("/", "index", {"GET": index}),
     ]

@@ -8,16 +8,20 @@ blocks (the store, the registry) runs on a thread, never on the event loop.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
 import time
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from adapters.registry import ModelRegistry
+from monitoring.drift_job import drift_dir
+from monitoring.leader import MonitorLeader
 from monitoring.metrics import forget_dead_processes, metrics
 from refit.errors import InvalidInputError, NotFoundError
 from refit.settings import RefitSettings
@@ -53,6 +57,7 @@ class DataPlane:
         )
         self.prediction_log: PredictionLog | None = None
         self.jobs: RetrainJobs | None = None
+        self.monitor = MonitorLeader(settings.data_dir)
         self.batcher: AdaptiveBatcher[BatchOutput] = AdaptiveBatcher(
             self._run_batch,
             max_batch_size=settings.batch_max_size,
@@ -67,6 +72,7 @@ class DataPlane:
 
     def _start_blocking(self) -> None:
         forget_dead_processes()
+        _initialise_metrics()
         self.store = Store.from_url(self.settings.resolved_database_url)
         self.prediction_log = PredictionLog(
             self.store,
@@ -80,6 +86,7 @@ class DataPlane:
         self.registry.cleanup()
         self.holder.sync()  # load and warm the current version before reporting ready
         self.holder.start_watching()
+        self.monitor.start()
         if not self.holder.ready:
             log.warning("no current model in %s: not ready until one is promoted",
                         self.registry.root)
@@ -88,6 +95,7 @@ class DataPlane:
         await asyncio.to_thread(self._stop_blocking)
 
     def _stop_blocking(self) -> None:
+        self.monitor.stop()
         self.holder.stop()
         self.batcher.close()
         if self.prediction_log is not None:
@@ -308,6 +316,42 @@ class DataPlane:
     async def retrain_jobs(self) -> dict[str, Any]:
         assert self.jobs is not None
         return {"jobs": await asyncio.to_thread(self.jobs.list)}
+
+
+    # -- drift ----------------------------------------------------------------------------------
+
+    def drift(self) -> dict[str, Any]:
+        path = drift_dir(self.settings) / "latest.json"
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return {
+                "status": "pending",
+                "message": "the drift job has not finished a run yet; it runs every "
+                f"{self.settings.drift_interval_s:g}s",
+            }
+
+    def drift_report_path(self) -> Path:
+        path = drift_dir(self.settings) / "report.html"
+        if not path.exists():
+            raise NotFoundError(
+                "no drift report yet: one is written once the window holds "
+                f"{self.settings.drift_min_window} predictions by the serving version"
+            )
+        return path
+
+
+def _initialise_metrics() -> None:
+    """Create every labelled counter at 0, so the first failure shows as an increase."""
+    m = metrics()
+    for outcome in ("loaded", "failed"):
+        m.model_swaps.labels(outcome=outcome)
+    for outcome in ("promoted", "rejected", "failed"):
+        m.retrain_jobs.labels(outcome=outcome)
+    for source in ("prediction_id", "text"):
+        m.feedback.labels(source=source)
+    m.prediction_log_dropped.inc(0)
+    m.prediction_log_pending.set(0)
 
 
 @lru_cache(maxsize=64)

@@ -37,7 +37,6 @@ class PredictionLog:
         self.retention_every_s = retention_every_s
         self.max_pending = max_pending
         self._buffer: list[PredictionRecord] = []
-        self._pending_by_id: dict[str, PredictionRecord] = {}
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._stop = threading.Event()
@@ -76,6 +75,7 @@ class PredictionLog:
         with self._flush_lock:
             with self._lock:
                 batch, self._buffer = self._buffer, []
+            metrics().prediction_log_pending.set(len(batch))
             if not batch:
                 return 0
             try:

@@ -1,0 +1,148 @@
+"""The periodic monitoring job: drift and online accuracy, in a process of its own.
+
+``python -m monitoring.drift_job`` loops every ``REFIT_DRIFT_INTERVAL_S``: it compares the newest
+predictions of the serving version with that version's reference (see ``monitoring.drift``),
+writes the result to ``<data_dir>/drift/latest.json`` and Evidently's HTML report to
+``<data_dir>/drift/report.html`` (both replaced atomically), sets the drift gauges, and computes
+online accuracy from feedback. It runs at low priority, off every request path, and exits when
+the serving worker that started it goes away. One per server: see ``monitoring.leader``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adapters.registry import ModelRegistry, atomic_write_bytes
+from monitoring.drift import SIGNALS, DriftResult, Reference, Thresholds, Window, detect
+from monitoring.metrics import metrics
+from refit.settings import RefitSettings, load_settings
+from refit.store import Store
+
+log = logging.getLogger("refit.drift")
+
+
+def drift_dir(settings: RefitSettings) -> Path:
+    return Path(settings.data_dir) / "drift"
+
+
+def thresholds(settings: RefitSettings) -> Thresholds:
+    return Thresholds(
+        label=settings.drift_label_threshold,
+        confidence=settings.drift_confidence_threshold,
+        embedding=settings.drift_embedding_threshold,
+        text_length=settings.drift_length_threshold,
+    )
+
+
+class DriftJob:
+    def __init__(self, settings: RefitSettings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+        self.registry = ModelRegistry(settings.registry_path)
+        self.folder = drift_dir(settings)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._reference: Reference | None = None
+
+    def reference_for(self, version_name: str) -> Reference:
+        if self._reference is None or self._reference.version != version_name:
+            version = self.registry.get(version_name)
+            self._reference = Reference.load(version.name, version.path, version.labels)
+        return self._reference
+
+    def run_once(self) -> DriftResult:
+        started = time.perf_counter()
+        m = metrics()
+        pointer = self.registry.pointer()
+        if pointer is None:
+            result = self._empty("no_model", None, 0, "no model version is serving yet")
+        else:
+            rows = self.store.recent_predictions(self.settings.drift_window, pointer.version)
+            if len(rows) < self.settings.drift_min_window:
+                result = self._empty(
+                    "insufficient_data", pointer.version, len(rows),
+                    f"{len(rows)} predictions by {pointer.version} so far; a verdict needs "
+                    f"{self.settings.drift_min_window}",
+                )
+            else:
+                window = Window(
+                    labels=[r.label for r in rows],
+                    confidence=np.array([r.confidence for r in rows]),
+                    text_length=np.array([len(r.text) for r in rows], dtype=np.float64),
+                    embeddings=np.stack([np.frombuffer(r.embedding, dtype=np.float32) for r in rows]),
+                    start=rows[0].created_at,
+                    end=rows[-1].created_at,
+                )
+                reference = self.reference_for(pointer.version)
+                result, snapshot = detect(reference, window, thresholds(self.settings))
+                self._write_report(snapshot)
+                for name, signal in result.signals.items():
+                    m.drift_score.labels(signal=name).set(signal.score)
+                    m.drift_threshold.labels(signal=name).set(signal.threshold)
+                    m.drift_signal_detected.labels(signal=name).set(int(signal.drifted))
+                m.drift_detected.set(int(result.drift_detected))
+        m.drift_window.set(result.window["size"])
+        m.drift_last_run.set(time.time())
+        result.seconds = round(time.perf_counter() - started, 3)
+        m.drift_run_duration.observe(result.seconds)
+        atomic_write_bytes(self.folder / "latest.json", json.dumps(result.to_dict(), indent=1).encode())
+        return result
+
+    def _empty(self, status: str, version: str | None, size: int, message: str) -> DriftResult:
+        return DriftResult(
+            status=status, model_version=version, reference_version=version,
+            window={"size": size, "start": None, "end": None}, signals={},
+            drift_detected=False, computed_at=time.time(), seconds=0.0, message=message,
+        )
+
+    def _write_report(self, snapshot: Any) -> None:
+        temporary = self.folder / f".report-{os.getpid()}.html"
+        snapshot.save_html(str(temporary))
+        os.replace(temporary, self.folder / "report.html")
+
+    def update_online_accuracy(self) -> dict[str, Any]:
+        count, accuracy, per_label = self.store.online_accuracy(self.settings.online_accuracy_window)
+        m = metrics()
+        m.online_accuracy_window.set(count)
+        if accuracy is not None:
+            m.online_accuracy.set(accuracy)
+            for label, (_, value) in per_label.items():
+                m.online_accuracy_by_label.labels(label=label).set(value)
+        return {"feedback": count, "accuracy": accuracy}
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s drift %(levelname)s %(message)s")
+    try:
+        os.nice(10)
+    except OSError:
+        pass
+    settings = load_settings()
+    store = Store.from_url(settings.resolved_database_url)
+    job = DriftJob(settings, store)
+    parent = os.getppid()
+    log.info("drift job started (every %.0fs, window %d)", settings.drift_interval_s, settings.drift_window)
+    while os.getppid() == parent:
+        try:
+            result = job.run_once()
+            job.update_online_accuracy()
+            log.info("drift %s: %s (window %d, %.2fs)", result.status,
+                     "DRIFT" if result.drift_detected else "no drift", result.window["size"], result.seconds)
+        except Exception:  # noqa: BLE001 - the job must outlive one bad run
+            log.exception("drift run failed")
+        deadline = time.monotonic() + settings.drift_interval_s
+        while time.monotonic() < deadline and os.getppid() == parent:
+            time.sleep(min(1.0, settings.drift_interval_s))
+    log.info("serving worker gone; drift job exits")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
