@@ -348,6 +348,7 @@ def _initialise_metrics() -> None:
         m.model_swaps.labels(outcome=outcome)
     for outcome in ("promoted", "rejected", "failed"):
         m.retrain_jobs.labels(outcome=outcome)
+        m.retrain_duration.labels(outcome=outcome)
     for source in ("prediction_id", "text"):
         m.feedback.labels(source=source)
     m.prediction_log_dropped.inc(0)

@@ -145,3 +145,56 @@ def postgres_url(database: str) -> tuple[str | None, str]:
         if done.returncode != 0:
             return None, f"psql failed: {done.stderr.strip()}"
     return f"postgresql+psycopg://{PG_USER}:{PG_PASSWORD}@127.0.0.1:5432/{database}", ""
+
+
+# -- Prometheus ------------------------------------------------------------------------------------
+
+
+@dataclass
+class PrometheusProcess:
+    """Debian's Prometheus server scraping one target every second."""
+
+    folder: Path
+    target: str  # host:port
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60) -> PrometheusProcess:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        config = self.folder / "prometheus.yml"
+        config.write_text(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+            "scrape_configs:\n  - job_name: refit\n    metrics_path: /metrics\n"
+            f"    static_configs:\n      - targets: ['{self.target}']\n"
+        )
+        log = (self.folder / "prometheus.log").open("ab")
+        self.proc = subprocess.Popen(
+            [shutil.which("prometheus") or "prometheus", f"--config.file={config}",
+             f"--storage.tsdb.path={self.folder / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{self.port}"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError((self.folder / "prometheus.log").read_text()[-3000:])
+            try:
+                if httpx.get(self.url + "/-/ready", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError("prometheus did not become ready")
+
+    def query(self, expr: str) -> dict:
+        response = httpx.get(self.url + "/api/v1/query", params={"query": expr}, timeout=10)
+        return response.json()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
