@@ -13,6 +13,7 @@ import fnmatch
 import json
 import re
 import shutil
+import sys
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -155,7 +156,8 @@ def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def need(binary: str, why: str) -> str:
-    path = shutil.which(binary)
+    # Tools installed into the virtual environment sit beside its python, maybe not on PATH.
+    path = shutil.which(binary) or shutil.which(binary, path=str(Path(sys.executable).parent))
     if path is None:
         pytest.skip(f"`{binary}` is not on PATH ({why})")
     return path

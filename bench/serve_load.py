@@ -1,0 +1,172 @@
+"""Serving benchmark: the limit, refit under load, and what a user would run instead.
+
+1. The limit: onnxruntime in-process on the same model and texts (banking77 test texts), batch
+   sizes 1-64, tokenisation included, CPU seconds per item. "naive" runs each batch as it comes
+   (padded to its longest text); "planned" uses refit's length-aware grouping.
+2. refit: `bentoml serve` (2 workers), closed-loop load from wrk (one text per request) at each
+   concurrency: throughput, p50/p95/p99, errors, CPU seconds of the server's process tree per
+   prediction, resident memory per worker.
+3. The same model in PyTorch eager behind Starlette/uvicorn (bench/torch_server.py), same load.
+
+    .venv/bin/python bench/serve_load.py --version-dir REGISTRY/versions/v1 [--seconds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import ROOT, LoadResult, cpu_seconds, read_texts, require_shared, rss_mb, run_wrk, save, tree_pids, write_bodies  # noqa: E402
+
+CONCURRENCY = (1, 8, 32, 64)
+
+
+def raw_onnx(version_dir: Path, texts: list[str], threads: int) -> list[dict]:
+    from adapters.runtime import OnnxClassifier
+    from adapters.tokenization import pad
+
+    classifier = OnnxClassifier(version_dir, intra_op_threads=threads)
+    classifier.warm_up()
+    rows = []
+    for batch in (1, 8, 16, 32, 64):
+        for mode in ("naive", "planned"):
+            if batch == 1 and mode == "planned":
+                continue
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
+            for i in range(0, len(texts), batch):
+                chunk = texts[i : i + batch]
+                if mode == "naive":
+                    classifier.run_tokens(*pad(classifier.tokenizer.token_ids(chunk)))
+                else:
+                    classifier.predict(chunk)
+            wall, cpu = time.perf_counter() - start_wall, time.process_time() - start_cpu
+            rows.append({"threads": threads, "batch": batch, "mode": mode,
+                         "items_per_s": len(texts) / wall, "cpu_ms_per_item": 1000 * cpu / len(texts)})
+            print(f"  raw onnxruntime threads={threads} batch={batch:>2} {mode:<7} "
+                  f"{rows[-1]['items_per_s']:7.1f}/s  {rows[-1]['cpu_ms_per_item']:.2f} ms CPU/item", file=sys.stderr)
+    return rows
+
+
+def wait_ready(url: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+def load_series(url: str, pid: int, bodies: Path, seconds: int, label: str) -> list[LoadResult]:
+    # Warm-up run, not recorded.
+    run_wrk(url, 8, 3, bodies, pid)
+    results = []
+    for concurrency in CONCURRENCY:
+        result = run_wrk(url, concurrency, seconds, bodies, pid)
+        results.append(result)
+        print(f"  {label} c={concurrency:>2}: {result.throughput:6.1f} req/s  p50 {result.p50_ms:6.1f}  "
+              f"p95 {result.p95_ms:6.1f}  p99 {result.p99_ms:6.1f} ms  p99/p50 {result.p99_over_p50:.2f}  "
+              f"errors {result.errors}  {result.cpu_ms_per_prediction:.2f} ms CPU/prediction", file=sys.stderr)
+    return results
+
+
+def serve_refit(version_dir: Path, workdir: Path, port: int, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``bentoml serve`` on a registry holding ``version_dir`` as its current version."""
+    registry = workdir / "registry"
+    (registry / "versions").mkdir(parents=True)
+    os.symlink(version_dir.resolve(), registry / "versions" / version_dir.name)
+    (registry / "current.json").write_text(f'{{"version": "{version_dir.name}", "previous": null}}')
+    env = {**os.environ, "REFIT_REGISTRY_PATH": str(registry), "REFIT_DATA_DIR": str(workdir / "var"),
+           "BENTOML_HOME": str(workdir / "bentoml"), "BENTOML_DO_NOT_TRACK": "True",
+           "REFIT_DRIFT_INTERVAL_S": "3600", **(env or {})}
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "bentoml"), "serve", ".", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT, env=env, stdout=(workdir / "serve.log").open("wb"), stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def serve_torch(version_dir: Path, workdir: Path, port: int) -> subprocess.Popen:
+    env = {**os.environ, "REFIT_BENCH_VERSION_DIR": str(version_dir.resolve())}
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "uvicorn"), "bench.torch_server:app", "--workers", "2",
+         "--host", "127.0.0.1", "--port", str(port), "--no-access-log"],
+        cwd=ROOT, env=env, stdout=(workdir / "torch.log").open("wb"), stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def stop(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, 15)
+    process.wait(timeout=60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--version-dir", type=Path, required=True)
+    parser.add_argument("--seconds", type=int, default=20)
+    parser.add_argument("--skip-torch", action="store_true")
+    args = parser.parse_args()
+    shared = require_shared()
+    texts = read_texts(shared / "banking77" / "test.jsonl")
+    random.Random(0).shuffle(texts)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    bodies = write_bodies(texts, workdir / "bodies.jsonl")
+
+    print("the limit: raw onnxruntime in-process", file=sys.stderr)
+    raw = raw_onnx(args.version_dir, texts[:1024], 1) + raw_onnx(args.version_dir, texts[:1024], 2)
+
+    print("refit: bentoml serve, 2 workers", file=sys.stderr)
+    server = serve_refit(args.version_dir, workdir, 3300)
+    try:
+        wait_ready("http://127.0.0.1:3300")
+        refit = load_series("http://127.0.0.1:3300", server.pid, bodies, args.seconds, "refit")
+        workers = [p for p in tree_pids(server.pid) if "_bentoml_impl.worker" in Path(f"/proc/{p}/cmdline").read_text()]
+        memory = {str(p): round(rss_mb(p), 1) for p in workers}
+    finally:
+        stop(server)
+
+    torch_results: list[LoadResult] = []
+    if not args.skip_torch:
+        print("baseline: PyTorch eager, Starlette + uvicorn, 2 workers", file=sys.stderr)
+        baseline = serve_torch(args.version_dir, workdir, 3301)
+        try:
+            wait_ready("http://127.0.0.1:3301")
+            torch_results = load_series("http://127.0.0.1:3301", baseline.pid, bodies, args.seconds, "torch")
+        finally:
+            stop(baseline)
+
+    naive32 = next(r for r in raw if r["threads"] == 1 and r["batch"] == 32 and r["mode"] == "naive")
+    planned32 = next(r for r in raw if r["threads"] == 1 and r["batch"] == 32 and r["mode"] == "planned")
+    best_naive = min((r for r in raw if r["mode"] == "naive"), key=lambda r: r["cpu_ms_per_item"])
+    at32 = next(r for r in refit if r.concurrency == 32)
+    summary = {
+        "cpu_ratio_vs_raw_batch32_naive": at32.cpu_ms_per_prediction / naive32["cpu_ms_per_item"],
+        "cpu_ratio_vs_raw_best_naive": at32.cpu_ms_per_prediction / best_naive["cpu_ms_per_item"],
+        "cpu_ratio_vs_raw_batch32_planned": at32.cpu_ms_per_prediction / planned32["cpu_ms_per_item"],
+        "throughput_ratio_vs_torch_c32": (at32.throughput / next(r for r in torch_results if r.concurrency == 32).throughput)
+        if torch_results else None,
+        "max_p99_over_p50": max(r.p99_over_p50 for r in refit),
+        "errors": sum(r.errors for r in refit),
+        "worker_rss_mb": memory,
+    }
+    path = save("serve_load", {"raw_onnx": raw, "refit": refit, "torch": torch_results, "summary": summary})
+    print("\n" + "\n".join(f"{k}: {v}" for k, v in summary.items()))
+    print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    main()
