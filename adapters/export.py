@@ -10,6 +10,7 @@ is never registered.
 from __future__ import annotations
 
 import hashlib
+import io
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -120,3 +121,73 @@ def check_parity(
         )
     return {"max_abs_diff_probabilities": diff_p, "max_abs_diff_embedding": diff_e,
             "batch": len(batch), "tolerance": tolerance}
+
+
+class _HeadGraph(nn.Module):
+    def __init__(self, head: ClassifierHead) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.head(embedding), dim=-1)
+
+
+def compose_with_encoder(encoder_onnx: Path, head: ClassifierHead, path: Path) -> None:
+    """A new version's graph from an existing version's encoder graph and a new head.
+
+    Head-only retraining leaves the encoder as it is, so its graph (already checked against
+    PyTorch when that version was exported) is reused as is; only the small head is exported.
+    This saves loading the encoder in PyTorch and exporting it again.
+    """
+    import onnx
+    from onnx import compose, utils
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            _HeadGraph(head).eval(), (torch.zeros(2, head.center.shape[0]),), buffer,
+            input_names=["embedding"], output_names=["probabilities"],
+            dynamic_axes={"embedding": {0: "batch"}, "probabilities": {0: "batch"}},
+            opset_version=OPSET, do_constant_folding=True, dynamo=False,
+        )
+    head_model = compose.add_prefix(onnx.load_from_string(buffer.getvalue()), "head/")
+    encoder = utils.Extractor(onnx.load(str(encoder_onnx))).extract_model(list(INPUT_NAMES), ["embedding"])
+    head_model.ir_version = encoder.ir_version
+    merged = compose.merge_models(
+        encoder, head_model, io_map=[("embedding", "head/embedding")],
+        outputs=["head/probabilities", "embedding"],
+    )
+    for node in merged.graph.node:
+        node.output[:] = ["probabilities" if o == "head/probabilities" else o for o in node.output]
+    for output in merged.graph.output:
+        if output.name == "head/probabilities":
+            output.name = "probabilities"
+    onnx.save(merged, str(path))
+
+
+def check_head_parity(
+    head: ClassifierHead,
+    tokenizer: TextTokenizer,
+    path: Path,
+    texts: Sequence[str] = (),
+    tolerance: float = PARITY_TOLERANCE,
+) -> dict[str, float]:
+    """Parity of a composed graph: its probabilities against the PyTorch head applied to the
+    embeddings its (reused, already verified) encoder part computes."""
+    import onnxruntime as ort
+
+    batch = list(PARITY_PROBES) + list(texts)[:26]
+    ids, mask = tokenizer.encode(batch)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got_p, got_e = session.run(list(OUTPUT_NAMES), {"input_ids": ids, "attention_mask": mask})
+    with torch.inference_mode():
+        expected = torch.softmax(head.eval()(torch.from_numpy(got_e)), dim=-1).numpy()
+    diff = float(np.abs(got_p - expected).max())
+    if not diff <= tolerance:
+        raise ExportParityError(
+            f"composed ONNX model does not match the PyTorch head: max |Δ probability| = "
+            f"{diff:.3g} > {tolerance:g}; the version was not registered"
+        )
+    return {"max_abs_diff_probabilities": diff, "batch": len(batch), "tolerance": tolerance,
+            "reference": "PyTorch head on the reused encoder graph's embeddings"}

@@ -132,15 +132,22 @@ def train_head(
     config: HeadConfig,
     seed: int,
     on_epoch: EpochCallback | None = None,
+    warm_start: tuple[ClassifierHead, list[int]] | None = None,
 ) -> TrainedHead:
     """Train a head on embeddings; keep the weights of the epoch with the best validation macro-F1.
 
-    Ties on macro-F1 go to the lower validation loss.
+    Ties on macro-F1 go to the lower validation loss. ``warm_start`` is an earlier head of the
+    same architecture and, for each of its classes, that class's index here: training starts from
+    its weights (classes it lacks start from scratch), so a retrained head converges in a few
+    epochs instead of dozens.
     """
     started = time.perf_counter()
     generator = seed_everything(seed)
     head = ClassifierHead(x_train.shape[1], num_classes, config.hidden_size, config.dropout)
-    head.fit_standardisation(x_train)
+    if warm_start is None:
+        head.fit_standardisation(x_train)
+    else:
+        copy_weights(warm_start[0], head, warm_start[1])
     xt = torch.from_numpy(np.ascontiguousarray(x_train, dtype=np.float32))
     yt = torch.from_numpy(y_train.astype(np.int64))
     xv = torch.from_numpy(np.ascontiguousarray(x_val, dtype=np.float32))
@@ -202,6 +209,23 @@ def train_head(
         seconds=time.perf_counter() - started,
         history=history,
     )
+
+
+@torch.no_grad()
+def copy_weights(source: ClassifierHead, target: ClassifierHead, class_map: list[int]) -> None:
+    """Copy ``source`` into ``target``; output class ``i`` of ``source`` becomes ``class_map[i]``."""
+    source_state = source.state_dict()
+    target_state = target.state_dict()
+    last = f"net.{len(target.net) - 1}"
+    for name, value in source_state.items():
+        if name.startswith(last):
+            target_state[name][class_map] = value
+        elif target_state[name].shape == value.shape:
+            target_state[name].copy_(value)
+        else:
+            raise ValueError(f"cannot warm-start: {name} has shape {tuple(value.shape)}, "
+                             f"needs {tuple(target_state[name].shape)}")
+    target.load_state_dict(target_state)
 
 
 @torch.inference_mode()

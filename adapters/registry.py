@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from refit.errors import ConflictError, RegistryError, VersionNotFoundError
+from refit.processes import pid_alive
 
 _VERSION_NAME = re.compile(r"^v(\d+)$")
 MANIFEST = "manifest.json"
@@ -255,7 +256,7 @@ class ModelRegistry:
             return removed
         for entry in self.staging_dir.iterdir():
             owner = entry.name.split("-", 1)[0]
-            if owner.isdigit() and _alive(int(owner)):
+            if owner.isdigit() and pid_alive(int(owner)):
                 continue
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
@@ -264,13 +265,3 @@ class ModelRegistry:
                 leftover.unlink(missing_ok=True)
                 removed.append(leftover)
         return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

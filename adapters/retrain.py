@@ -29,6 +29,7 @@ import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,7 @@ from adapters.head import HeadConfig, head_probabilities, train_head
 from adapters.registry import ModelRegistry, ModelVersion
 from adapters.runtime import OnnxClassifier
 from adapters.search import SearchOptions, search_head
+from adapters.tokenization import TextTokenizer
 from adapters.training import (
     Splits,
     build_version,
@@ -49,9 +51,13 @@ from adapters.training import (
 from adapters.unfreeze import UnfreezeConfig, gradual_unfreeze
 from refit.errors import ConflictError, RefitError
 from refit.settings import RefitSettings, load_settings
-from refit.store import StoredFeedback, Store
+from refit.store import Store, StoredFeedback
 
 log = logging.getLogger("refit.retrain")
+
+LARGE_BATCH = 512
+LARGE_BATCH_FROM = 4096
+WARM_PATIENCE = 8
 
 
 @dataclass(frozen=True)
@@ -203,7 +209,8 @@ def run_job(job_id: str, settings: RefitSettings, store: Store) -> dict[str, Any
     }
     y = {name: np.array([index[label] for label in part.labels]) for name, part in splits.items()}
 
-    head_config = HeadConfig(**champion.manifest["training"]["head"])
+    champion_config = HeadConfig(**champion.manifest["training"]["head"])
+    head_config = champion_config
     search_record: dict[str, Any] = {"strategy": "none"}
     if options.search == "grid":
         reporter.phase("searching", "grid")
@@ -215,22 +222,39 @@ def run_job(job_id: str, settings: RefitSettings, store: Store) -> dict[str, Any
         head_config = search.best
         search_record = {"strategy": "grid", **search.to_manifest()}
 
+    if len(train) >= LARGE_BATCH_FROM:
+        # Large sets: bigger batches (learning rate scaled by the square root) train the head
+        # about 2.5 times faster for the same validation score (bench/retrain_speed.py).
+        scale = (LARGE_BATCH / head_config.batch_size) ** 0.5
+        head_config = head_config.with_overrides(
+            batch_size=LARGE_BATCH, learning_rate=head_config.learning_rate * scale
+        )
+    # Warm start from the champion's head when the architecture is the same: on banking77 with
+    # 10k feedback items it converges in half the epochs to a better validation score than a
+    # head trained from scratch (BENCHMARKS.md), and it needs less patience.
+    warm_start = None
+    if (champion.path / "head.npz").exists() and head_config.hidden_size == champion_config.hidden_size:
+        warm_start = (version_head(champion), [index[label] for label in old_labels])
+        head_config = head_config.with_overrides(patience=min(head_config.patience, WARM_PATIENCE))
     reporter.phase("training", f"head on {len(train)} examples, {len(labels)} labels")
     trained = train_head(
         embeddings["train"], y["train"], embeddings["validation"], y["validation"], len(labels),
         head_config, options.seed, on_epoch=lambda r: reporter.event("epoch", **asdict(r)),
+        warm_start=warm_start,
     )
     head = trained.head
-    encoder = version_encoder(champion)
-    from adapters.encoder import embed_texts
-    from adapters.tokenization import TextTokenizer
-
     tokenizer = TextTokenizer(champion.path / "tokenizer.json",
                               champion.manifest["encoder"]["max_seq_length"])
     fine_tuned = champion.manifest["encoder"].get("fine_tuned_layers", 0)
     weights_from = champion.path / "encoder" if fine_tuned else None
+    # Head-only: the champion's encoder graph is reused; PyTorch never loads the encoder.
+    encoder = None
+    encoder_onnx_from: Path | None = champion.onnx_path
     unfreeze_record = None
     if options.unfreeze_layers > 0:
+        from adapters.encoder import embed_texts
+
+        encoder = version_encoder(champion)
         reporter.phase("fine-tuning", f"top {options.unfreeze_layers} layer(s)")
         result = gradual_unfreeze(
             encoder, tokenizer, train.texts, y["train"], validation.texts, y["validation"],
@@ -243,6 +267,7 @@ def run_job(job_id: str, settings: RefitSettings, store: Store) -> dict[str, Any
             head = result.head
             fine_tuned = max(fine_tuned, options.unfreeze_layers)
             weights_from = None
+            encoder_onnx_from = None
             reporter.phase("embedding", "with the fine-tuned encoder")
             embeddings = {name: embed_texts(encoder, tokenizer, part.texts) for name, part in splits.items()}
 
@@ -272,6 +297,7 @@ def run_job(job_id: str, settings: RefitSettings, store: Store) -> dict[str, Any
             "search": search_record,
             "unfreeze": unfreeze_record,
             "retrain": {
+                "warm_start": champion.name if warm_start is not None else None,
                 "job_id": job_id,
                 "feedback_items": len(rows),
                 "feedback_train": int(len(fb_fit)),
@@ -286,6 +312,7 @@ def run_job(job_id: str, settings: RefitSettings, store: Store) -> dict[str, Any
         reporter=reporter,
         started=started,
         extra={"gate": gate},
+        encoder_onnx_from=encoder_onnx_from,
     )
     promoted = False
     if gate["promote"]:
@@ -394,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
         pass
     import torch
 
-    torch.set_num_threads(1)
+    # Niced, the job yields the CPU to serving workers whenever they need it.
+    torch.set_num_threads(2)
     settings = load_settings()
     store = Store.from_url(settings.resolved_database_url)
     job_id = args.job_id

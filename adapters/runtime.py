@@ -18,6 +18,9 @@ import onnxruntime as ort
 from adapters.tokenization import DEFAULT_MAX_SEQ_LENGTH, TextTokenizer, pad, plan_batches
 
 
+OUTPUTS = ["probabilities", "embedding"]
+
+
 @dataclass(frozen=True)
 class ClassifierOutput:
     probabilities: np.ndarray  # [n, classes] float32
@@ -50,7 +53,7 @@ class OnnxClassifier:
 
     def run_tokens(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         probabilities, embeddings = self.session.run(
-            None, {"input_ids": ids, "attention_mask": mask}
+            OUTPUTS, {"input_ids": ids, "attention_mask": mask}
         )
         return probabilities, embeddings
 

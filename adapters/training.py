@@ -38,7 +38,14 @@ from adapters.encoder import (
     save_encoder_weights,
 )
 from adapters.evaluation import classification_report
-from adapters.export import OPSET, check_parity, export_onnx, sha256_file
+from adapters.export import (
+    OPSET,
+    check_head_parity,
+    check_parity,
+    compose_with_encoder,
+    export_onnx,
+    sha256_file,
+)
 from adapters.head import (
     ClassifierHead,
     HeadConfig,
@@ -261,7 +268,7 @@ def train_version(
 def build_version(
     registry: ModelRegistry,
     *,
-    encoder: SentenceEncoder,
+    encoder: SentenceEncoder | None,
     fine_tuned_layers: int,
     encoder_weights_from: Path | None,
     head: ClassifierHead,
@@ -275,8 +282,13 @@ def build_version(
     reporter: Reporter,
     started: float,
     extra: dict[str, Any] | None = None,
+    encoder_onnx_from: Path | None = None,
 ) -> ModelVersion:
     """Export, check, evaluate and commit a version; returns it once visible in the registry.
+
+    With ``encoder_onnx_from`` (an earlier version's ``model.onnx`` whose encoder this version
+    shares unchanged) the encoder graph is reused and only the head is exported
+    (:func:`compose_with_encoder`); ``encoder`` may then be None.
 
     ``encoder_weights_from`` names a parent version's ``encoder/`` folder to reuse (hard-linked)
     when the encoder is fine-tuned but unchanged by this training; with ``fine_tuned_layers > 0``
@@ -286,14 +298,20 @@ def build_version(
     with registry.stage() as staged:
         reporter.phase("exporting", "ONNX")
         onnx_path = staged.path / "model.onnx"
-        export_onnx(encoder, head, tokenizer, onnx_path)
-        parity = check_parity(encoder, head, tokenizer, onnx_path, splits.test.texts)
+        if encoder_onnx_from is not None:
+            compose_with_encoder(encoder_onnx_from, head, onnx_path)
+            parity = check_head_parity(head, tokenizer, onnx_path, splits.test.texts)
+        else:
+            assert encoder is not None
+            export_onnx(encoder, head, tokenizer, onnx_path)
+            parity = check_parity(encoder, head, tokenizer, onnx_path, splits.test.texts)
         shutil.copyfile(tokenizer.path, staged.path / "tokenizer.json")
         (staged.path / "labels.json").write_text(json.dumps(labels, indent=1) + "\n")
         save_head(head, staged.path / "head.npz")
         if encoder_weights_from is not None:
             _link_tree(encoder_weights_from, staged.path / "encoder")
         elif fine_tuned_layers > 0:
+            assert encoder is not None
             save_encoder_weights(encoder, staged.path / "encoder")
 
         reporter.phase("evaluating", f"{len(splits.test)} held-out examples")

@@ -36,13 +36,16 @@ from adapters.tokenization import TextTokenizer, length_sorted_chunks
 class UnfreezeConfig:
     layers: int = 2
     """How many of the encoder's top layers to unfreeze, one more per stage."""
-    epochs_per_stage: int = 4
+    epochs_per_stage: int = 5
     encoder_learning_rate: float = 3e-4
     head_learning_rate: float = 3e-3
     layer_decay: float = 0.8
     weight_decay: float = 1e-2
     warmup_fraction: float = 0.1
     batch_size: int = 32
+    head_hidden_size: int | None = 0
+    """The fine-tuned model's head: 0 for linear (learns fastest alongside the encoder), None
+    for the architecture the head-only search chose."""
 
 
 @dataclass
@@ -164,7 +167,8 @@ def gradual_unfreeze(
     k = max(1, min(config.layers, total_layers))
     start = total_layers - k
     generator = seed_everything(seed)
-    head = ClassifierHead(EMBEDDING_DIM, num_classes, head_config.hidden_size, head_config.dropout)
+    hidden = head_config.hidden_size if config.head_hidden_size is None else config.head_hidden_size
+    head = ClassifierHead(EMBEDDING_DIM, num_classes, hidden, head_config.dropout)
     for parameter in encoder.parameters():
         parameter.requires_grad_(False)
     original = copy.deepcopy(encoder.state_dict())

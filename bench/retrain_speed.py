@@ -83,7 +83,6 @@ def main() -> None:
     args = parser.parse_args()
     shared = require_shared()
 
-    from adapters.data import read_jsonl
     from adapters.registry import ModelVersion
     from adapters.training import version_data
 

@@ -23,11 +23,20 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT, LoadResult, cpu_seconds, read_texts, require_shared, rss_mb, run_wrk, save, tree_pids, write_bodies  # noqa: E402
+from bench.common import (  # noqa: E402
+    ROOT,
+    LoadResult,
+    read_texts,
+    require_shared,
+    rss_mb,
+    run_wrk,
+    save,
+    tree_pids,
+    write_bodies,
+)
 
 CONCURRENCY = (1, 8, 32, 64)
 

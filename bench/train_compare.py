@@ -110,7 +110,7 @@ def main() -> None:
         })
 
     path = save("train_compare", {"registry": str(registry.root), "rows": rows})
-    print(f"\n| method | test accuracy | test macro-F1 | training seconds |\n|---|---|---|---|")
+    print("\n| method | test accuracy | test macro-F1 | training seconds |\n|---|---|---|---|")
     for row in rows:
         seconds = row.get("train_seconds", row.get("fit_seconds"))
         print(f"| {row['method']} | {row['accuracy']:.4f} | {row['macro_f1']:.4f} | {seconds} |")

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from adapters.registry import ModelRegistry, atomic_write_bytes
-from monitoring.drift import SIGNALS, DriftResult, Reference, Thresholds, Window, detect
+from monitoring.drift import DriftResult, Reference, Thresholds, Window, detect
 from monitoring.metrics import metrics
 from refit.settings import RefitSettings, load_settings
 from refit.store import Store

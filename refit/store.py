@@ -17,7 +17,6 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 from sqlalchemy import (
-    bindparam,
     Column,
     Float,
     Integer,
@@ -26,6 +25,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     create_engine,
     delete,
     event,

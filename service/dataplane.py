@@ -25,11 +25,11 @@ from monitoring.leader import MonitorLeader
 from monitoring.metrics import forget_dead_processes, metrics
 from refit.errors import InvalidInputError, NotFoundError
 from refit.settings import RefitSettings
-from refit.store import FeedbackRecord, PredictionRecord, Store, vector_bytes
+from refit.store import FeedbackRecord, PredictionRecord, Store
 from service.batching import AdaptiveBatcher
 from service.jobs import RetrainJobs
 from service.prediction_log import PredictionLog
-from service.predictor import BatchOutput, ModelHolder, ServingModel
+from service.predictor import BatchOutput, ModelHolder
 from service.schemas import FeedbackItem
 
 log = logging.getLogger("refit.dataplane")

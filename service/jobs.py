@@ -24,6 +24,7 @@ from typing import Any
 
 from monitoring.metrics import metrics
 from refit.errors import ConflictError
+from refit.processes import pid_alive
 from refit.settings import RefitSettings
 from refit.store import TERMINAL_PHASES, Store
 
@@ -31,21 +32,6 @@ log = logging.getLogger("refit.jobs")
 
 # A job whose process is on another host is presumed dead after this long without an update.
 STALE_AFTER_S = 300.0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (exited, not yet reaped by its parent) is not alive.
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().split(") ", 1)[1][0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return True
 
 
 class RetrainJobs:
@@ -110,7 +96,7 @@ class RetrainJobs:
             return
         gone = False
         if job["host"] == self.host and job["pid"] is not None:
-            gone = not _alive(job["pid"])
+            gone = not pid_alive(job["pid"])
         elif time.time() - job["updated_at"] > STALE_AFTER_S:
             gone = True
         elif job["pid"] is None and time.time() - job["created_at"] > 60:

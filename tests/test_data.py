@@ -7,7 +7,13 @@ from collections import Counter
 
 import pytest
 
-from adapters.data import LabelledTexts, read_jsonl, require_trainable, stratified_folds, stratified_split
+from adapters.data import (
+    LabelledTexts,
+    read_jsonl,
+    require_trainable,
+    stratified_folds,
+    stratified_split,
+)
 from refit.errors import DatasetError
 
 

@@ -13,8 +13,8 @@ import fnmatch
 import json
 import re
 import shutil
-import sys
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import signal
 
-import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
@@ -56,8 +55,8 @@ def test_predict_single_and_batch_in_order(client, trained_registry):
     batch = client.post("/predict", json={"texts": texts}).json()["predictions"]
     assert len(batch) == len(texts)
     assert len({p["prediction_id"] for p in batch}) == len(texts)
-    for text, prediction in zip(texts, batch):
-        alone = client.post("/predict", json={"texts": [text]}).json()["predictions"][0]
+    for sentence, prediction in zip(texts, batch):
+        alone = client.post("/predict", json={"texts": [sentence]}).json()["predictions"][0]
         assert alone["label"] == prediction["label"]
         assert alone["confidence"] == pytest.approx(prediction["confidence"], abs=1e-5)
     assert [p["label"] for p in batch[1:4]] == ["cancel_order", "delivery_damaged", "account_login"]

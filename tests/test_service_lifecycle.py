@@ -39,3 +39,29 @@ def test_bad_setting_stops_start_up_with_a_clear_message(tmp_path):
     with pytest.raises(RuntimeError) as failure:
         service.start(timeout=60)
     assert "REFIT_MAX_TEXTS_PER_REQUEST" in str(failure.value)
+
+
+def test_a_clean_shutdown_writes_every_accepted_prediction(tmp_path, trained_registry):
+    """With a flush interval far longer than the test, only the shutdown flush can write them."""
+    from sqlalchemy import create_engine, text
+
+    db = tmp_path / "refit.db"
+    service = ServiceProcess(
+        registry=trained_registry.root, data_dir=tmp_path / "var", workers=1,
+        env={"REFIT_LOG_FLUSH_INTERVAL_MS": "60000", "REFIT_DATABASE_URL": f"sqlite:///{db}"},
+    ).start()
+    ids = []
+    try:
+        with service.client() as c:
+            for i in range(5):
+                body = c.post("/predict", json={"texts": [f"shutdown test {i}", "where is my order"]}).json()
+                ids += [p["prediction_id"] for p in body["predictions"]]
+        engine = create_engine(f"sqlite:///{db}")
+        with engine.connect() as conn:
+            assert conn.execute(text("select count(*) from predictions")).scalar_one() == 0
+    finally:
+        assert service.stop() is not None
+    with engine.connect() as conn:
+        stored = {row[0] for row in conn.execute(text("select id from predictions"))}
+    engine.dispose()
+    assert stored == set(ids)

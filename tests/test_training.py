@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from adapters.data import read_jsonl
+from adapters.head import HeadConfig
 from adapters.registry import ModelRegistry
 from adapters.runtime import OnnxClassifier
 from adapters.search import SearchOptions, candidate_configs, search_head
-from adapters.head import HeadConfig
 from adapters.training import TrainingOptions, train_version
 
 
