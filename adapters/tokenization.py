@@ -6,6 +6,8 @@ here, from the encoder's own ``tokenizer.json``, and pad to the longest text of 
 
 from __future__ import annotations
 
+import hashlib
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -37,6 +39,24 @@ class TextTokenizer:
     def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """``(input_ids, attention_mask)``, both ``[len(texts), longest]`` int64."""
         return pad(self.token_ids(texts))
+
+
+_shared: dict[tuple[str, int], TextTokenizer] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_tokenizer(tokenizer_file: str | Path, max_length: int) -> TextTokenizer:
+    """One tokenizer per distinct ``tokenizer.json`` content and length, reused across versions.
+
+    Parsing the file holds the GIL for about 30 ms; a worker swapping to a version with the same
+    tokenizer (every version of one encoder) skips that pause on its request threads.
+    """
+    digest = hashlib.sha256(Path(tokenizer_file).read_bytes()).hexdigest()
+    key = (digest, max_length)
+    with _shared_lock:
+        if key not in _shared:
+            _shared[key] = TextTokenizer(tokenizer_file, max_length)
+        return _shared[key]
 
 
 def pad(sequences: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:

@@ -95,7 +95,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench-retrain-"))
 
     timings = []
-    for size in (int(s) for s in args.sizes.split(",")):
+    for size in (int(s) for s in args.sizes.split(",") if s):
         for cached in (True, False):
             db = f"sqlite:///{workdir}/feedback-{size}-{cached}.db"
             fill_feedback(db, texts, labels, vectors, encoder_id if cached else None, size)
@@ -117,10 +117,12 @@ def main() -> None:
         run_wrk(url, 8, 3, bodies, server.pid)
         latency["steady"] = run_wrk(url, 8, args.seconds, bodies, server.pid)
         job = httpx.post(url + "/retrain", json={"min_feedback": 1, "force": True}, timeout=30).json()
-        during = run_wrk(url, 8, args.seconds, bodies, server.pid)
-        final = httpx.get(f"{url}/retrain/{job['job_id']}").json()
-        latency["during_retrain"] = during
-        latency["retrain_job"] = {"phase": final["phase"], "result": final.get("result")}
+        latency["during_retrain"] = run_wrk(url, 8, args.seconds, bodies, server.pid)
+        while (final := httpx.get(f"{url}/retrain/{job['job_id']}").json())["phase"] not in ("done", "failed"):
+            time.sleep(1)
+        latency["retrain_job"] = {"phase": final["phase"], "result": final.get("result"),
+                                  "seconds_under_load": final["updated_at"] - final["created_at"]}
+        time.sleep(5)  # the promotion's swap settles before the swap measurement starts
         versions = sorted(p.name for p in (workdir / "live" / "registry" / "versions").iterdir())
         stop_swaps = threading.Event()
         swaps = []

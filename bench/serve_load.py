@@ -128,18 +128,25 @@ def main() -> None:
     parser.add_argument("--version-dir", type=Path, required=True)
     parser.add_argument("--seconds", type=int, default=20)
     parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--skip-raw", action="store_true")
+    parser.add_argument("--env", action="append", default=[], metavar="REFIT_X=VALUE",
+                        help="a setting for the refit server (repeatable)")
+    parser.add_argument("--save-as", default="serve_load")
     args = parser.parse_args()
+    server_env = dict(item.split("=", 1) for item in args.env)
     shared = require_shared()
     texts = read_texts(shared / "banking77" / "test.jsonl")
     random.Random(0).shuffle(texts)
     workdir = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     bodies = write_bodies(texts, workdir / "bodies.jsonl")
 
-    print("the limit: raw onnxruntime in-process", file=sys.stderr)
-    raw = raw_onnx(args.version_dir, texts[:1024], 1) + raw_onnx(args.version_dir, texts[:1024], 2)
+    raw: list[dict] = []
+    if not args.skip_raw:
+        print("the limit: raw onnxruntime in-process", file=sys.stderr)
+        raw = raw_onnx(args.version_dir, texts[:1024], 1) + raw_onnx(args.version_dir, texts[:1024], 2)
 
     print("refit: bentoml serve, 2 workers", file=sys.stderr)
-    server = serve_refit(args.version_dir, workdir, 3300)
+    server = serve_refit(args.version_dir, workdir, 3300, env=server_env)
     try:
         wait_ready("http://127.0.0.1:3300")
         refit = load_series("http://127.0.0.1:3300", server.pid, bodies, args.seconds, "refit")
@@ -158,21 +165,25 @@ def main() -> None:
         finally:
             stop(baseline)
 
-    naive32 = next(r for r in raw if r["threads"] == 1 and r["batch"] == 32 and r["mode"] == "naive")
-    planned32 = next(r for r in raw if r["threads"] == 1 and r["batch"] == 32 and r["mode"] == "planned")
-    best_naive = min((r for r in raw if r["mode"] == "naive"), key=lambda r: r["cpu_ms_per_item"])
     at32 = next(r for r in refit if r.concurrency == 32)
-    summary = {
-        "cpu_ratio_vs_raw_batch32_naive": at32.cpu_ms_per_prediction / naive32["cpu_ms_per_item"],
-        "cpu_ratio_vs_raw_best_naive": at32.cpu_ms_per_prediction / best_naive["cpu_ms_per_item"],
-        "cpu_ratio_vs_raw_batch32_planned": at32.cpu_ms_per_prediction / planned32["cpu_ms_per_item"],
+    summary: dict = {"server_env": server_env}
+    if raw:
+        naive32 = next(r for r in raw if r["threads"] == 1 and r["batch"] == 32 and r["mode"] == "naive")
+        planned32 = next(r for r in raw if r["threads"] == 1 and r["batch"] == 32 and r["mode"] == "planned")
+        best_naive = min((r for r in raw if r["mode"] == "naive"), key=lambda r: r["cpu_ms_per_item"])
+        summary |= {
+            "cpu_ratio_vs_raw_batch32_naive": at32.cpu_ms_per_prediction / naive32["cpu_ms_per_item"],
+            "cpu_ratio_vs_raw_best_naive": at32.cpu_ms_per_prediction / best_naive["cpu_ms_per_item"],
+            "cpu_ratio_vs_raw_batch32_planned": at32.cpu_ms_per_prediction / planned32["cpu_ms_per_item"],
+        }
+    summary |= {
         "throughput_ratio_vs_torch_c32": (at32.throughput / next(r for r in torch_results if r.concurrency == 32).throughput)
         if torch_results else None,
         "max_p99_over_p50": max(r.p99_over_p50 for r in refit),
         "errors": sum(r.errors for r in refit),
         "worker_rss_mb": memory,
     }
-    path = save("serve_load", {"raw_onnx": raw, "refit": refit, "torch": torch_results, "summary": summary})
+    path = save(args.save_as, {"raw_onnx": raw, "refit": refit, "torch": torch_results, "summary": summary})
     print("\n" + "\n".join(f"{k}: {v}" for k, v in summary.items()))
     print(f"results: {path}")
 

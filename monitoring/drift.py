@@ -7,6 +7,9 @@ stored in that version at training time (``reference.npz``):
 * ``confidence``: the probability of the predicted label, Wasserstein distance in units of the
   reference's standard deviation (Evidently ``wasserstein``).
 * ``text_length``: characters per text, the same test.
+
+For these three, the threshold is the larger of the configured one and the score that chance
+alone reaches for a window of that size (:func:`noise_quantiles`).
 * ``embedding``: the 384-dim sentence embeddings, Evidently's domain-classifier method
   (``ModelDriftMethod``): a classifier learns to tell window from reference and its ROC AUC on
   held-back rows is the score. It counts as drift only when the AUC is both above the threshold
@@ -38,7 +41,7 @@ class Thresholds:
     text_length: float = 0.1
 
 
-@dataclass(frozen=True)
+@dataclass
 class Reference:
     version: str
     labels: tuple[str, ...]
@@ -46,6 +49,9 @@ class Reference:
     text_length: np.ndarray  # held-out rows, like predicted and confidence
     predicted: np.ndarray  # label indices
     confidence: np.ndarray
+    noise: dict[int, dict[str, float]] = field(default_factory=dict)
+    """Per window size: the 99th percentile of each tabular score between samples of the
+    reference itself (see :func:`noise_quantiles`), computed once."""
 
     @classmethod
     def load(cls, version: str, version_dir: Path, labels: Sequence[str]) -> Reference:
@@ -108,6 +114,48 @@ def _frame(labels: Sequence[str], confidence: np.ndarray, lengths: np.ndarray) -
     )
 
 
+NOISE_REPEATS = 100
+NOISE_QUANTILE = 0.99
+
+
+def noise_quantiles(reference: Reference, size: int, seed: int = 0) -> dict[str, float]:
+    """How large each tabular score gets by chance alone, for windows of ``size`` rows.
+
+    A distance between two samples is never 0: with 77 labels, a window of 500 predictions from
+    the very distribution of the reference has a Jensen-Shannon distance of about 0.13, above the
+    usual 0.1 threshold. So the job draws pairs of independent bootstrap samples from the
+    reference (one of the reference's size, one of the window's), scores them with the same
+    Evidently tests, and a signal counts as drifted only above the 99th percentile of those
+    scores as well as above its configured threshold.
+    """
+    if size in reference.noise:
+        return reference.noise[size]
+    import pandas as pd
+    from evidently.legacy.calculations.stattests import (
+        jensenshannon_stat_test,
+        wasserstein_stat_test,
+    )
+    from evidently.legacy.core import ColumnType
+
+    rng = np.random.default_rng(seed)
+    labels = np.array([reference.labels[i] for i in reference.predicted], dtype=object)
+    columns = {
+        "label": (labels, jensenshannon_stat_test, ColumnType.Categorical),
+        "confidence": (reference.confidence, wasserstein_stat_test, ColumnType.Numerical),
+        "text_length": (reference.text_length, wasserstein_stat_test, ColumnType.Numerical),
+    }
+    n = len(labels)
+    scores: dict[str, list[float]] = {name: [] for name in columns}
+    for _ in range(NOISE_REPEATS):
+        base = rng.integers(0, n, n)
+        window = rng.integers(0, n, size)
+        for name, (values, test, kind) in columns.items():
+            score, _ = test.func(pd.Series(values[base]), pd.Series(values[window]), kind, 0.1)
+            scores[name].append(float(score))
+    reference.noise[size] = {name: float(np.quantile(v, NOISE_QUANTILE)) for name, v in scores.items()}
+    return reference.noise[size]
+
+
 def tabular_report(reference: Reference, window: Window, thresholds: Thresholds) -> Any:
     """The Evidently report over predicted label, confidence and text length (a Snapshot)."""
     from evidently import DataDefinition, Dataset, Report
@@ -157,15 +205,19 @@ def detect(
     started = time.perf_counter()
     snapshot = tabular_report(reference, window, thresholds)
     values = {m["config"]["column"]: float(m["value"]) for m in snapshot.dict()["metrics"]}
-    signals = {
-        "label": SignalResult("Jensen-Shannon distance (Evidently)", values["predicted_label"],
-                              thresholds.label, values["predicted_label"] > thresholds.label),
-        "confidence": SignalResult("Wasserstein distance, normed (Evidently)", values["confidence"],
-                                   thresholds.confidence, values["confidence"] > thresholds.confidence),
-        "text_length": SignalResult("Wasserstein distance, normed (Evidently)", values["text_length"],
-                                    thresholds.text_length, values["text_length"] > thresholds.text_length),
-        "embedding": embedding_drift(reference, window, thresholds.embedding),
-    }
+    noise = noise_quantiles(reference, len(window))
+    signals: dict[str, SignalResult] = {}
+    for name, column, method, configured in (
+        ("label", "predicted_label", "Jensen-Shannon distance (Evidently)", thresholds.label),
+        ("confidence", "confidence", "Wasserstein distance, normed (Evidently)", thresholds.confidence),
+        ("text_length", "text_length", "Wasserstein distance, normed (Evidently)", thresholds.text_length),
+    ):
+        threshold = max(configured, noise[name])
+        signals[name] = SignalResult(
+            method, values[column], threshold, values[column] > threshold,
+            {"configured_threshold": configured, "chance_q99": round(noise[name], 6)},
+        )
+    signals["embedding"] = embedding_drift(reference, window, thresholds.embedding)
     result = DriftResult(
         status="ok",
         model_version=reference.version,

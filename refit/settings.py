@@ -43,8 +43,16 @@ class RefitSettings(BaseSettings):
     """Most texts the adaptive batcher puts into one inference call."""
     batch_max_latency_ms: int = Field(100, ge=1, le=60_000)
     """Latency budget of the adaptive batcher."""
+    keepalive_requests: int = Field(100, ge=0)
+    """Requests served on one keep-alive connection before the service asks the client to
+    reconnect (0: never). Workers share one listening socket and a connection stays with the
+    worker that accepted it; reconnecting now and then spreads long-lived client connections
+    evenly over the workers (nginx does the same with ``keepalive_requests``)."""
     ort_threads: int = Field(1, ge=1, le=64)
-    """onnxruntime intra-op threads per worker (1 suits one worker per core)."""
+    """onnxruntime intra-op threads per inference batch (1 suits one worker per core)."""
+    inference_threads: int = Field(1, ge=1, le=16)
+    """Batches each worker runs at once. More than 1 lets one worker use several cores when
+    clients' connections land unevenly on the workers."""
 
     # -- prediction log ---------------------------------------------------------------------------
     log_flush_interval_ms: int = Field(200, ge=10, le=60_000)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 import time
 from typing import Any, Awaitable, Callable, TypeVar
 
@@ -40,6 +41,11 @@ from service.dataplane import DataPlane
 from service.schemas import FeedbackRequest, PredictRequest, PromoteRequest, RetrainRequest
 
 log = logging.getLogger("refit.http")
+
+# Workers share one listening socket. libuv (uvloop) otherwise accepts every pending connection
+# in one go, so a burst of new keep-alive connections lands on whichever worker woke first; with
+# this set it yields between accepts and the workers share them.
+os.environ.setdefault("UV_TCP_SINGLE_ACCEPT", "1")
 
 settings = load_settings()
 plane = DataPlane(settings)
@@ -111,6 +117,26 @@ def _problem(error: dict[str, Any]) -> str:
     return str(error["msg"]).removeprefix("Value error, ")
 
 
+_requests_per_connection: dict[tuple[str, int], int] = {}
+
+
+def _count_connection_request(request: Request, response: Response) -> None:
+    """Close a keep-alive connection after ``keepalive_requests`` requests (see settings)."""
+    limit = settings.keepalive_requests
+    client = request.client
+    if not limit or client is None:
+        return
+    key = (client.host, client.port)
+    served = _requests_per_connection.get(key, 0) + 1
+    if served >= limit:
+        _requests_per_connection.pop(key, None)
+        response.headers["connection"] = "close"
+    else:
+        if len(_requests_per_connection) > 10_000:  # clients that left without a last request
+            _requests_per_connection.clear()
+        _requests_per_connection[key] = served
+
+
 def route(path: str, name: str, handlers: dict[str, Handler]) -> Route:
     """A route that answers every method: unknown ones get a JSON 405, errors their status."""
     allowed = ", ".join(sorted(handlers))
@@ -131,6 +157,7 @@ def route(path: str, name: str, handlers: dict[str, Handler]) -> Route:
             response = json_response({"error": "internal error; see the server log"}, 500)
         if handler is None:
             response.headers["allow"] = allowed
+        _count_connection_request(request, response)
         m = metrics()
         status = str(response.status_code)
         m.http_requests.labels(endpoint=name, status=status).inc()

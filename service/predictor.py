@@ -11,6 +11,7 @@ is logged, counted and shown by ``/models``, and not retried until the pointer c
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -167,6 +168,14 @@ class ModelHolder:
         self._thread.start()
 
     def _watch(self) -> None:
+        # Loading a version is background work: on Linux a thread has its own nice value, so
+        # the watcher yields the CPU to the threads answering requests. (With onnxruntime's own
+        # thread pool in use, its threads would inherit the lower priority, so then it doesn't.)
+        if self.ort_threads == 1 and hasattr(os, "setpriority"):
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+            except OSError:
+                pass
         while not self._stop.wait(self.poll_interval_s):
             try:
                 self.sync()
