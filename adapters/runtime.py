@@ -17,7 +17,6 @@ import onnxruntime as ort
 
 from adapters.tokenization import DEFAULT_MAX_SEQ_LENGTH, pad, plan_batches, shared_tokenizer
 
-
 OUTPUTS = ["probabilities", "embedding"]
 # (texts, tokens) per warm-up run: the run sizes the length-aware planner produces.
 WARM_UP_SHAPES = ((1, 8), (1, 32), (4, 16), (8, 32), (16, 16), (4, 64), (2, 128))
