@@ -93,7 +93,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     test = read_jsonl(args.test) if args.test else None
     options = TrainingOptions(
         seed=args.seed,
-        search=SearchOptions(strategy=args.search),
+        search=SearchOptions(strategy=args.search, kfold_below=args.kfold_below),
         unfreeze=UnfreezeConfig(layers=args.unfreeze_layers),
         max_seq_length=args.max_seq_length,
     )
@@ -244,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fine-tune the encoder's top K layers gradually after the head (default 0)")
     train.add_argument("--search", choices=["none", "grid", "random"], default="grid",
                        help="hyperparameter search for the head (default grid)")
+    train.add_argument("--kfold-below", type=_positive, default=2000, metavar="N",
+                       help="score search trials by 5-fold cross-validation below N examples (default 2000)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--max-seq-length", type=int, default=128, help="tokens; longer text is truncated")
     train.add_argument("--no-promote", action="store_true", help="register without making it current")

@@ -5,11 +5,13 @@ A real `bentoml serve` with 2 workers, a real training subprocess, SQLite.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -22,14 +24,8 @@ pytestmark = pytest.mark.server
 TOKEN = "test-admin-token-0123456789"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 
-GIFT_CARD_FEEDBACK = [
-    "can I buy a gift card", "do you sell gift cards", "how do gift vouchers work",
-    "I want to send a gift card to my friend", "check the balance on my gift card",
-    "where can I redeem my gift card", "a gift card for 50 dollars please",
-    "is there a digital gift card", "do gift cards expire", "buy a voucher as a present",
-    "how to purchase an e-gift card", "do gift cards work online", "gift card for my sister's birthday",
-    "can I pay with a gift voucher", "I lost my gift card code", "send an e-voucher by email",
-]
+# The README's own example feedback: a new intent (gift_card) and corrections, all by text.
+README_FEEDBACK = json.loads((Path(__file__).parent.parent / "data" / "demo" / "feedback.json").read_text())["items"]
 GIFT_CARD_UNSEEN = [
     "I'd like to get a gift card for my colleague",
     "what gift card amounts can I choose",
@@ -131,7 +127,7 @@ def test_feedback_retrain_gate_swap_and_rollback(client, server):
     predicted = client.post("/predict", json={"texts": [t for t, _ in CORRECTIONS]}).json()["predictions"]
     items = [{"prediction_id": p["prediction_id"], "label": label}
              for p, (_, label) in zip(predicted, CORRECTIONS)]
-    items += [{"text": text, "label": "gift_card"} for text in GIFT_CARD_FEEDBACK]
+    items += README_FEEDBACK
     assert client.post("/feedback", json={"items": items}).json()["accepted"] == len(items)
     before = {p["label"] for p in client.post("/predict", json={"texts": GIFT_CARD_UNSEEN}).json()["predictions"]}
     assert "gift_card" not in before
@@ -167,6 +163,14 @@ def test_feedback_retrain_gate_swap_and_rollback(client, server):
     assert hits >= 3, after
     manifest = ModelRegistry(server.registry).get("v2").manifest
     assert manifest["gate"]["promote"] is True and manifest["parent"] == "v1"
+    # Feedback given as text was embedded once, and the embedding cached for later jobs.
+    from refit.store import Store
+
+    store = Store.from_url(f"sqlite:///{server.data_dir / 'refit.db'}")
+    by_text = [row for row in store.all_feedback() if row.prediction_id is None]
+    store.close()
+    assert len(by_text) == len(README_FEEDBACK)
+    assert all(row.embedding is not None and row.encoder_id == manifest["encoder"]["id"] for row in by_text)
     assert manifest["training"]["retrain"]["feedback_items"] == len(items)
 
     # Rollback through the API.

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import time
 
 import pytest
 
 from adapters.registry import ModelRegistry
-from tests.servers import ServiceProcess
+from tests.servers import ROOT, ServiceProcess
 
 pytestmark = pytest.mark.server
 
@@ -65,3 +68,20 @@ def test_a_clean_shutdown_writes_every_accepted_prediction(tmp_path, trained_reg
         stored = {row[0] for row in conn.execute(text("select id from predictions"))}
     engine.dispose()
     assert stored == set(ids)
+
+
+def test_serving_code_never_imports_torch_or_transformers(tmp_path, trained_registry):
+    """The serving path is onnxruntime + tokenizers: importing the service and predicting with
+    the registry's model must not pull in torch or transformers."""
+    script = (
+        "import sys\n"
+        "import service.app\n"
+        "from adapters.runtime import OnnxClassifier\n"
+        f"OnnxClassifier({str(trained_registry.current().path)!r}).predict(['where is my order'])\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'sklearn'}))\n"
+    )
+    env = {"REFIT_REGISTRY_PATH": str(trained_registry.root), "REFIT_DATA_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env={**os.environ, **env}, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
