@@ -90,6 +90,19 @@ def export_onnx(
         )
 
 
+def _run_parity_batch(
+    path: Path, tokenizer: TextTokenizer, texts: Sequence[str]
+) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The fixed parity batch (probes plus up to 26 of ``texts``) through the ONNX file."""
+    import onnxruntime as ort
+
+    batch = list(PARITY_PROBES) + list(texts)[:26]
+    ids, mask = tokenizer.encode(batch)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got_p, got_e = session.run(list(OUTPUT_NAMES), {"input_ids": ids, "attention_mask": mask})
+    return batch, ids, mask, got_p, got_e
+
+
 def check_parity(
     encoder: SentenceEncoder,
     head: ClassifierHead,
@@ -102,16 +115,11 @@ def check_parity(
 
     Returns the largest absolute differences of probabilities and embeddings.
     """
-    import onnxruntime as ort
-
-    batch = list(PARITY_PROBES) + list(texts)[:26]
-    ids, mask = tokenizer.encode(batch)
+    batch, ids, mask, got_p, got_e = _run_parity_batch(path, tokenizer, texts)
     with torch.inference_mode():
         expected_p, expected_e = ServingGraph(encoder, head).eval()(
             torch.from_numpy(ids), torch.from_numpy(mask)
         )
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got_p, got_e = session.run(list(OUTPUT_NAMES), {"input_ids": ids, "attention_mask": mask})
     diff_p = float(np.abs(got_p - expected_p.numpy()).max())
     diff_e = float(np.abs(got_e - expected_e.numpy()).max())
     if not diff_p <= tolerance:  # also catches NaN
@@ -175,12 +183,7 @@ def check_head_parity(
 ) -> dict[str, float]:
     """Parity of a composed graph: its probabilities against the PyTorch head applied to the
     embeddings its (reused, already verified) encoder part computes."""
-    import onnxruntime as ort
-
-    batch = list(PARITY_PROBES) + list(texts)[:26]
-    ids, mask = tokenizer.encode(batch)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got_p, got_e = session.run(list(OUTPUT_NAMES), {"input_ids": ids, "attention_mask": mask})
+    batch, _, _, got_p, got_e = _run_parity_batch(path, tokenizer, texts)
     with torch.inference_mode():
         expected = torch.softmax(head.eval()(torch.from_numpy(got_e)), dim=-1).numpy()
     diff = float(np.abs(got_p - expected).max())

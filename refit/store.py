@@ -192,10 +192,6 @@ class Store:
             result = conn.execute(select(predictions).where(predictions.c.id.in_(wanted)))
             return {row.id: PredictionRecord(**row._asdict()) for row in result}
 
-    def count_predictions(self) -> int:
-        with self.engine.connect() as conn:
-            return int(conn.execute(select(func.count()).select_from(predictions)).scalar_one())
-
     def recent_predictions(
         self, limit: int, model_version: str | None = None
     ) -> list[PredictionRecord]:

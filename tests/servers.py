@@ -102,6 +102,17 @@ class ServiceProcess:
         return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 60), **kwargs)
 
 
+def wait_for(predicate, timeout: float, interval: float = 0.25, what: str = "condition"):
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
 def copy_registry(source: Path, target: Path) -> Path:
     shutil.copytree(source, target, symlinks=True)
     return target

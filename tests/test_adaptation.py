@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from adapters.registry import ModelRegistry
-from tests.servers import ServiceProcess, copy_registry
+from tests.servers import ServiceProcess, copy_registry, wait_for
 
 pytestmark = pytest.mark.server
 
@@ -41,16 +41,6 @@ CORRECTIONS = [
     ("has my parcel left the warehouse", "order_status"),
     ("tracking hasn't updated in days", "order_status"),
 ]
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.25, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def worker_versions(client: httpx.Client) -> dict[str, str]:

@@ -19,7 +19,7 @@ import yaml
 
 from adapters.data import read_jsonl
 from tests.offtopic import offtopic_texts
-from tests.servers import PrometheusProcess, ServiceProcess, copy_registry
+from tests.servers import PrometheusProcess, ServiceProcess, copy_registry, wait_for
 
 pytestmark = [
     pytest.mark.server,
@@ -106,13 +106,11 @@ def held_out_texts(registry_root: Path) -> list[str]:
 
 
 def wait_drift(client: httpx.Client, after: float, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def finished() -> dict | None:
         body = client.get("/drift").json()
-        if body.get("status") == "ok" and body["computed_at"] > after:
-            return body
-        time.sleep(0.5)
-    raise AssertionError(f"no drift result after {timeout}s: {client.get('/drift').json()}")
+        return body if body.get("status") == "ok" and body["computed_at"] > after else None
+
+    return wait_for(finished, timeout, 0.5, f"a drift result computed after {after}")
 
 
 def test_drift_flag_follows_the_traffic(stack):
