@@ -63,4 +63,4 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
 # Build the default model into the volume on first start (an existing registry is left alone),
 # then serve. `exec` hands PID 1 to bentoml so it receives SIGTERM and flushes the prediction
 # log on `docker stop`; compose runs it under an init (init: true) that reaps orphans.
-CMD ["sh", "-c", "python -c 'import os, sys; from adapters.registry import ModelRegistry; sys.exit(0 if ModelRegistry(os.environ[\"REFIT_REGISTRY_PATH\"]).pointer() else 1)' || refit train --data data/demo/intents.jsonl; exec bentoml serve . --host 0.0.0.0 --port 3000"]
+CMD ["sh", "-c", "python -c 'import os, sys; from adapters.serving.registry import ModelRegistry; sys.exit(0 if ModelRegistry(os.environ[\"REFIT_REGISTRY_PATH\"]).pointer() else 1)' || refit train --data data/demo/intents.jsonl; exec bentoml serve . --host 0.0.0.0 --port 3000"]

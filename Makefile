@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 # Build the default model from the demo data, unless the registry already serves one.
 model: install
-	@if $(BIN)/python -c "import sys; from adapters.registry import ModelRegistry; sys.exit(0 if ModelRegistry('$(REGISTRY)').pointer() else 1)"; then \
+	@if $(BIN)/python -c "import sys; from adapters.serving.registry import ModelRegistry; sys.exit(0 if ModelRegistry('$(REGISTRY)').pointer() else 1)"; then \
 		echo "registry $(REGISTRY) already has a current model: $$($(BIN)/refit models --registry $(REGISTRY) | grep '^\*')"; \
 	else \
 		echo "building the default model from $(DEMO_DATA) into $(REGISTRY)"; \

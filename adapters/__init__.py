@@ -1,1 +1,2 @@
-"""Fine-tuning, export, the model registry and the ONNX runtime. Never imports the web framework."""
+"""Fine-tuning, export and the model registry, in two sides: ``serving`` (torch-free, what the
+service imports) and ``training`` (PyTorch). Never imports the web framework."""

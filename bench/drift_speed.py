@@ -32,7 +32,7 @@ from bench.serve_load import serve_refit, stop, wait_ready  # noqa: E402
 
 
 def predictions_for(version_dir: Path, texts: list[str]):
-    from adapters.runtime import OnnxClassifier
+    from adapters.serving.runtime import OnnxClassifier
 
     classifier = OnnxClassifier(version_dir, intra_op_threads=2)
     out = [classifier.predict(texts[i : i + 256]) for i in range(0, len(texts), 256)]
@@ -86,7 +86,7 @@ def main() -> None:
     args = parser.parse_args()
     shared = require_shared()
 
-    from adapters.registry import ModelVersion
+    from adapters.serving.registry import ModelVersion
     from monitoring.drift import Reference
     from monitoring.drift_job import DriftJob
     from refit.settings import RefitSettings

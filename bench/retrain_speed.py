@@ -66,7 +66,7 @@ def run_job(db_url: str, registry: Path, workdir: Path) -> dict:
     env = {**os.environ, "REFIT_DATABASE_URL": db_url, "REFIT_REGISTRY_PATH": str(registry),
            "REFIT_DATA_DIR": str(workdir)}
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "adapters.retrain", job_id], cwd=ROOT, env=env, check=True,
+    subprocess.run([sys.executable, "-m", "adapters.training.retrain", job_id], cwd=ROOT, env=env, check=True,
                    capture_output=True)
     wall = time.perf_counter() - started
     job = store.get_job(job_id)
@@ -83,8 +83,8 @@ def main() -> None:
     args = parser.parse_args()
     shared = require_shared()
 
-    from adapters.registry import ModelVersion
-    from adapters.training import version_data
+    from adapters.serving.registry import ModelVersion
+    from adapters.training.pipeline import version_data
 
     version = ModelVersion(args.version_dir.name, args.version_dir)
     splits, embeddings = version_data(version)

@@ -42,8 +42,8 @@ CONCURRENCY = (1, 8, 32, 64)
 
 
 def raw_onnx(version_dir: Path, texts: list[str], threads: int) -> list[dict]:
-    from adapters.runtime import OnnxClassifier
-    from adapters.tokenization import pad
+    from adapters.serving.runtime import OnnxClassifier
+    from adapters.serving.tokenization import pad
 
     classifier = OnnxClassifier(version_dir, intra_op_threads=threads)
     classifier.warm_up()

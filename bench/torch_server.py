@@ -20,9 +20,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from adapters.registry import ModelVersion
-from adapters.tokenization import TextTokenizer
-from adapters.training import version_encoder, version_head
+from adapters.serving.registry import ModelVersion
+from adapters.serving.tokenization import TextTokenizer
+from adapters.training.pipeline import version_encoder, version_head
 
 torch.set_num_threads(int(os.environ.get("REFIT_BENCH_TORCH_THREADS", "1")))
 _dir = Path(os.environ["REFIT_BENCH_VERSION_DIR"])

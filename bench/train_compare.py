@@ -33,11 +33,11 @@ def main() -> None:
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import f1_score
 
-    from adapters.data import read_jsonl
-    from adapters.registry import ModelRegistry
-    from adapters.search import SearchOptions
-    from adapters.training import TrainingOptions, train_version, version_data
-    from adapters.unfreeze import UnfreezeConfig
+    from adapters.serving.data import read_jsonl
+    from adapters.serving.registry import ModelRegistry
+    from adapters.training.search import SearchOptions
+    from adapters.training.pipeline import TrainingOptions, train_version, version_data
+    from adapters.training.unfreeze import UnfreezeConfig
     from refit.cli import TerminalReporter
 
     shared = require_shared()

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from adapters.registry import ModelRegistry, atomic_write_bytes
+from adapters.serving.registry import ModelRegistry
+from refit.files import atomic_write_bytes
 from monitoring.drift import DriftResult, Reference, Thresholds, Window, detect
 from monitoring.metrics import metrics
 from refit.settings import RefitSettings, load_settings

@@ -12,9 +12,10 @@ import fcntl
 import logging
 import os
 import subprocess
-import sys
 import threading
 from pathlib import Path
+
+from refit.processes import spawn_module
 
 log = logging.getLogger("refit.monitor")
 
@@ -49,13 +50,7 @@ class MonitorLeader:
         return True
 
     def _spawn(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log_file:
-            self._process = subprocess.Popen(
-                [sys.executable, "-m", "monitoring.drift_job"],
-                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
+        self._process = spawn_module("monitoring.drift_job", log_path=self.log_path)
         log.info("worker %d leads monitoring: drift job pid %d", os.getpid(), self._process.pid)
 
     def _run(self) -> None:

@@ -77,17 +77,17 @@ class TerminalReporter:
 
 
 def _registry(args: argparse.Namespace) -> Any:
-    from adapters.registry import ModelRegistry
+    from adapters.serving.registry import ModelRegistry
 
     root = args.registry or load_settings().registry_path
     return ModelRegistry(root)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from adapters.data import read_jsonl
-    from adapters.search import SearchOptions
-    from adapters.training import TrainingOptions, train_version
-    from adapters.unfreeze import UnfreezeConfig
+    from adapters.serving.data import read_jsonl
+    from adapters.training.search import SearchOptions
+    from adapters.training.pipeline import TrainingOptions, train_version
+    from adapters.training.unfreeze import UnfreezeConfig
 
     data = read_jsonl(args.data)
     test = read_jsonl(args.test) if args.test else None
@@ -121,9 +121,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from adapters.data import read_jsonl
-    from adapters.evaluation import classification_report
-    from adapters.runtime import OnnxClassifier
+    from adapters.serving.data import read_jsonl
+    from adapters.serving.evaluation import classification_report
+    from adapters.serving.runtime import OnnxClassifier
 
     data = read_jsonl(args.data)
     registry = _registry(args)

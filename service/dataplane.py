@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from adapters.registry import ModelRegistry
+from adapters.serving.registry import ModelRegistry
 from monitoring.drift_job import drift_dir
 from monitoring.leader import MonitorLeader
 from monitoring.metrics import forget_dead_processes, metrics

@@ -1,6 +1,6 @@
 """Retrain jobs as seen from the service: start one, supervise it, report it.
 
-A job runs ``python -m adapters.retrain JOB_ID`` as a separate, lower-priority process, so
+A job runs ``python -m adapters.training.retrain JOB_ID`` as a separate, lower-priority process, so
 training never competes with request handling for a worker's threads and the GIL, and killing it
 at any instant cannot touch the serving model (the registry only changes by atomic commit and
 promote). The job writes its own progress to the store. This side records the job (one at a time:
@@ -15,7 +15,6 @@ import logging
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -24,7 +23,7 @@ from typing import Any
 
 from monitoring.metrics import metrics
 from refit.errors import ConflictError
-from refit.processes import pid_alive
+from refit.processes import pid_alive, spawn_module
 from refit.settings import RefitSettings
 from refit.store import TERMINAL_PHASES, Store
 
@@ -54,20 +53,14 @@ class RetrainJobs:
         self.reconcile()
         job_id = f"job-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         self.store.create_job(job_id, options)  # ConflictError names the running job
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        log_file = (self.log_dir / f"{job_id}.log").open("ab")
         try:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "adapters.retrain", job_id],
-                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                start_new_session=True,
+            process = spawn_module(
+                "adapters.training.retrain", job_id,
+                log_path=self.log_dir / f"{job_id}.log", new_session=True,
             )
         except OSError as exc:
             self.store.update_job(job_id, phase="failed", error=f"could not start training: {exc}")
             raise
-        finally:
-            log_file.close()
         self.store.update_job(job_id, pid=process.pid, host=self.host)
         threading.Thread(
             target=self._supervise, args=(job_id, process, time.monotonic()),

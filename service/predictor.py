@@ -19,8 +19,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from adapters.registry import ModelRegistry
-from adapters.runtime import OnnxClassifier
+from adapters.serving.registry import ModelRegistry
+from adapters.serving.runtime import OnnxClassifier
 from monitoring.metrics import metrics
 from refit.errors import NotReadyError
 

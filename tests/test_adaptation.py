@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from adapters.registry import ModelRegistry
+from adapters.serving.registry import ModelRegistry
 from tests.servers import ServiceProcess, copy_registry, wait_for
 
 pytestmark = pytest.mark.server

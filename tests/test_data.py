@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from adapters.data import (
+from adapters.serving.data import (
     LabelledTexts,
     read_jsonl,
     require_trainable,

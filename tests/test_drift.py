@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from adapters.data import read_jsonl
-from adapters.runtime import OnnxClassifier
+from adapters.serving.data import read_jsonl
+from adapters.serving.runtime import OnnxClassifier
 from monitoring.drift import Reference, Thresholds, Window, detect
 from tests.offtopic import offtopic_texts
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from adapters.head import ClassifierHead
-from adapters.retrain import decide, holdout_mask
-from adapters.training import version_data, version_head
+from adapters.training.head import ClassifierHead
+from adapters.training.retrain import decide, holdout_mask
+from adapters.training.pipeline import version_data, version_head
 from refit.settings import RefitSettings
 
 

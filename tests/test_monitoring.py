@@ -17,7 +17,7 @@ import httpx
 import pytest
 import yaml
 
-from adapters.data import read_jsonl
+from adapters.serving.data import read_jsonl
 from tests.offtopic import offtopic_texts
 from tests.servers import PrometheusProcess, ServiceProcess, copy_registry, wait_for
 
@@ -98,7 +98,7 @@ def stack(trained_registry, tmp_path_factory):
 
 
 def held_out_texts(registry_root: Path) -> list[str]:
-    from adapters.registry import ModelRegistry
+    from adapters.serving.registry import ModelRegistry
 
     version = ModelRegistry(registry_root).current()
     return list(read_jsonl(version.path / "data" / "test.jsonl").texts

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from adapters.registry import ModelRegistry
+from adapters.serving.registry import ModelRegistry
 from refit.errors import ConflictError, VersionNotFoundError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,8 +71,8 @@ CRASHER = textwrap.dedent(
     """
     import os, signal, sys
     sys.path.insert(0, {root!r})
-    from adapters import registry as reg
-    from adapters.registry import ModelRegistry
+    from adapters.serving import registry as reg
+    from adapters.serving.registry import ModelRegistry
     r = ModelRegistry(sys.argv[1])
     point = sys.argv[2]
     def die(*a, **k):
@@ -122,7 +122,7 @@ LOOPER = textwrap.dedent(
     """
     import hashlib, os, sys
     sys.path.insert(0, {root!r})
-    from adapters.registry import ModelRegistry
+    from adapters.serving.registry import ModelRegistry
     r = ModelRegistry(sys.argv[1])
     i = 0
     while True:

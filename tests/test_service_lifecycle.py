@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from adapters.registry import ModelRegistry
+from adapters.serving.registry import ModelRegistry
 from tests.servers import ROOT, ServiceProcess
 
 pytestmark = pytest.mark.server
@@ -76,7 +76,7 @@ def test_serving_code_never_imports_torch_or_transformers(tmp_path, trained_regi
     script = (
         "import sys\n"
         "import service.app\n"
-        "from adapters.runtime import OnnxClassifier\n"
+        "from adapters.serving.runtime import OnnxClassifier\n"
         f"OnnxClassifier({str(trained_registry.current().path)!r}).predict(['where is my order'])\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'sklearn'}))\n"
     )

@@ -8,12 +8,12 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from adapters.data import read_jsonl
-from adapters.head import HeadConfig
-from adapters.registry import ModelRegistry
-from adapters.runtime import OnnxClassifier
-from adapters.search import SearchOptions, candidate_configs, search_head
-from adapters.training import TrainingOptions, train_version
+from adapters.serving.data import read_jsonl
+from adapters.training.head import HeadConfig
+from adapters.serving.registry import ModelRegistry
+from adapters.serving.runtime import OnnxClassifier
+from adapters.training.search import SearchOptions, candidate_configs, search_head
+from adapters.training.pipeline import TrainingOptions, train_version
 
 
 def test_trained_version_beats_majority_baseline_widely(trained_registry, demo_data_path):
@@ -93,8 +93,8 @@ def test_search_records_every_trial_and_uses_kfold_on_small_data():
 
 @pytest.mark.slow
 def test_gradual_unfreezing_exports_a_fine_tuned_encoder(tmp_path, demo_data_path, monkeypatch):
-    import adapters.training as training
-    from adapters.unfreeze import UnfreezeConfig, gradual_unfreeze
+    import adapters.training.pipeline as training
+    from adapters.training.unfreeze import UnfreezeConfig, gradual_unfreeze
 
     # On the demo data the head-only model already scores 1.0 on validation, which nothing can
     # beat; judge fine-tuning against 0 so this test follows the fine-tuned path to the end.
@@ -127,8 +127,8 @@ def test_gradual_unfreezing_exports_a_fine_tuned_encoder(tmp_path, demo_data_pat
 def test_unfreezing_that_does_not_help_restores_the_encoder(demo_data_path):
     import torch
 
-    from adapters.encoder import load_encoder, tokenizer_for
-    from adapters.unfreeze import UnfreezeConfig, gradual_unfreeze
+    from adapters.training.encoder import load_encoder, tokenizer_for
+    from adapters.training.unfreeze import UnfreezeConfig, gradual_unfreeze
 
     data = read_jsonl(demo_data_path)
     labels = data.label_set()

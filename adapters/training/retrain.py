@@ -1,6 +1,6 @@
 """Retraining on production feedback: the job that ``POST /retrain`` starts, in its own process.
 
-Run as ``python -m adapters.retrain JOB_ID`` (the service does this); settings come from the same
+Run as ``python -m adapters.training.retrain JOB_ID`` (the service does this); settings come from the same
 ``REFIT_*`` environment as the server. The job writes its own progress and outcome to the store,
 so its record survives the server that started it.
 
@@ -34,21 +34,21 @@ from typing import Any
 
 import numpy as np
 
-from adapters.data import LabelledTexts, stratified_indices
-from adapters.evaluation import accuracy_on
-from adapters.head import HeadConfig, head_probabilities, train_head
-from adapters.registry import ModelRegistry, ModelVersion
-from adapters.runtime import OnnxClassifier
-from adapters.search import SearchOptions, search_head
-from adapters.tokenization import TextTokenizer
-from adapters.training import (
+from adapters.serving.data import LabelledTexts, stratified_indices
+from adapters.serving.evaluation import accuracy_on
+from adapters.training.head import HeadConfig, head_probabilities, train_head
+from adapters.serving.registry import ModelRegistry, ModelVersion
+from adapters.serving.runtime import OnnxClassifier
+from adapters.training.search import SearchOptions, search_head
+from adapters.serving.tokenization import TextTokenizer
+from adapters.training.pipeline import (
     Splits,
     build_version,
     version_data,
     version_encoder,
     version_head,
 )
-from adapters.unfreeze import UnfreezeConfig, gradual_unfreeze
+from adapters.training.unfreeze import UnfreezeConfig, gradual_unfreeze
 from refit.errors import ConflictError, RefitError
 from refit.settings import RefitSettings, load_settings
 from refit.store import Store, StoredFeedback
@@ -252,7 +252,7 @@ def run_job(job_id: str, settings: RefitSettings, store: Store) -> dict[str, Any
     encoder_onnx_from: Path | None = champion.onnx_path
     unfreeze_record = None
     if options.unfreeze_layers > 0:
-        from adapters.encoder import embed_texts
+        from adapters.training.encoder import embed_texts
 
         encoder = version_encoder(champion)
         reporter.phase("fine-tuning", f"top {options.unfreeze_layers} layer(s)")
@@ -410,7 +410,7 @@ def decide(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m adapters.retrain")
+    parser = argparse.ArgumentParser(prog="python -m adapters.training.retrain")
     parser.add_argument("job_id")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s retrain %(levelname)s %(message)s")

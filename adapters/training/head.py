@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from adapters.evaluation import macro_f1
+from adapters.serving.evaluation import macro_f1
 
 
 @dataclass(frozen=True)

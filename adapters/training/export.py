@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from adapters.encoder import SentenceEncoder
-from adapters.head import ClassifierHead
-from adapters.tokenization import TextTokenizer
+from adapters.training.encoder import SentenceEncoder
+from adapters.training.head import ClassifierHead
+from adapters.serving.tokenization import TextTokenizer
 from refit.errors import ExportParityError
 
 OPSET = 17

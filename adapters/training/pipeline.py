@@ -25,8 +25,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from adapters.data import LabelledTexts, require_trainable, stratified_split
-from adapters.encoder import (
+from adapters.serving.data import LabelledTexts, require_trainable, stratified_split
+from adapters.training.encoder import (
     ENCODER_NAME,
     ENCODER_PACKAGE,
     SentenceEncoder,
@@ -37,8 +37,8 @@ from adapters.encoder import (
     packaged_encoder_dir,
     save_encoder_weights,
 )
-from adapters.evaluation import classification_report
-from adapters.export import (
+from adapters.serving.evaluation import classification_report
+from adapters.training.export import (
     OPSET,
     check_head_parity,
     check_parity,
@@ -46,7 +46,7 @@ from adapters.export import (
     export_onnx,
     sha256_file,
 )
-from adapters.head import (
+from adapters.training.head import (
     ClassifierHead,
     HeadConfig,
     head_probabilities,
@@ -54,10 +54,10 @@ from adapters.head import (
     save_head,
     train_head,
 )
-from adapters.registry import ModelRegistry, ModelVersion, utc_now
-from adapters.search import SearchOptions, search_head
-from adapters.tokenization import DEFAULT_MAX_SEQ_LENGTH, TextTokenizer
-from adapters.unfreeze import UnfreezeConfig, gradual_unfreeze
+from adapters.serving.registry import ModelRegistry, ModelVersion, utc_now
+from adapters.training.search import SearchOptions, search_head
+from adapters.serving.tokenization import DEFAULT_MAX_SEQ_LENGTH, TextTokenizer
+from adapters.training.unfreeze import UnfreezeConfig, gradual_unfreeze
 from refit.errors import DatasetError
 
 SPLITS = ("train", "validation", "test")
@@ -430,7 +430,7 @@ def version_head(version: ModelVersion) -> ClassifierHead:
 
 def version_data(version: ModelVersion) -> tuple[Splits, dict[str, np.ndarray]]:
     """A version's data splits and their embeddings (by that version's encoder)."""
-    from adapters.data import read_jsonl
+    from adapters.serving.data import read_jsonl
 
     folder = version.path / "data"
     splits = Splits(*(read_jsonl(folder / f"{name}.jsonl") for name in SPLITS))

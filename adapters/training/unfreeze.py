@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from adapters.encoder import EMBEDDING_DIM, SentenceEncoder
-from adapters.evaluation import macro_f1
-from adapters.head import ClassifierHead, HeadConfig, class_weights, seed_everything
-from adapters.tokenization import TextTokenizer, length_sorted_chunks
+from adapters.training.encoder import EMBEDDING_DIM, SentenceEncoder
+from adapters.serving.evaluation import macro_f1
+from adapters.training.head import ClassifierHead, HeadConfig, class_weights, seed_everything
+from adapters.serving.tokenization import TextTokenizer, length_sorted_chunks
 
 
 @dataclass(frozen=True)

