@@ -14,8 +14,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -51,8 +50,6 @@ class BatchOutput:
 class SwapStatus:
     last_error: str | None = None
     failed_version: str | None = None
-    swaps: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 class ModelHolder:
@@ -61,12 +58,10 @@ class ModelHolder:
         registry: ModelRegistry,
         ort_threads: int = 1,
         poll_interval_s: float = 1.0,
-        on_swap: Callable[[ServingModel], None] | None = None,
     ) -> None:
         self.registry = registry
         self.ort_threads = ort_threads
         self.poll_interval_s = poll_interval_s
-        self.on_swap = on_swap
         self._model: ServingModel | None = None
         self._load_lock = threading.Lock()
         self._stop = threading.Event()
@@ -133,7 +128,7 @@ class ModelHolder:
                 version=version.name,
                 classifier=classifier,
                 labels=tuple(classifier.labels),
-                encoder_id=version.manifest["encoder"].get("id", version.manifest["encoder"]["sha256"]),
+                encoder_id=version.encoder_id,
                 loaded_at=time.time(),
             )
         except Exception as exc:  # noqa: BLE001 - any load failure keeps the old model
@@ -146,12 +141,8 @@ class ModelHolder:
         seconds = time.perf_counter() - started
         previous = self._model
         self._model = model  # the swap: one reference assignment
-        self.status.swaps += 1
         self.status.last_error = None
         self.status.failed_version = None
-        self.status.history = (self.status.history + [
-            {"version": model.version, "at": model.loaded_at, "load_seconds": round(seconds, 3)}
-        ])[-10:]
         m.model_swaps.labels(outcome="loaded").inc()
         m.model_load_duration.observe(seconds)
         if previous is not None:
@@ -159,8 +150,6 @@ class ModelHolder:
         m.model_info.labels(model_version=model.version).set(1)
         log.info("serving model %s (was %s), loaded and warmed in %.2fs",
                  model.version, previous.version if previous else "none", seconds)
-        if self.on_swap is not None:
-            self.on_swap(model)
         return True
 
     def start_watching(self) -> None:

@@ -77,6 +77,17 @@ class ModelVersion:
         return list(self.manifest["labels"])
 
     @property
+    def encoder_id(self) -> str:
+        """Identifies the encoder weights behind this version's embeddings.
+
+        Embeddings computed under two versions with the same id are interchangeable, so a retrain
+        reuses logged ones instead of encoding again. Manifests written before the ``id`` field
+        existed name the encoder package's hash, which is what identified the weights then.
+        """
+        encoder = self.manifest["encoder"]
+        return str(encoder.get("id", encoder["sha256"]))
+
+    @property
     def onnx_path(self) -> Path:
         return self.path / "model.onnx"
 
@@ -104,9 +115,6 @@ class ModelRegistry:
         self.pointer_path = self.root / POINTER
 
     # -- reading -----------------------------------------------------------------------------
-
-    def exists(self) -> bool:
-        return self.versions_dir.is_dir()
 
     def list_versions(self) -> list[ModelVersion]:
         if not self.versions_dir.is_dir():

@@ -46,11 +46,9 @@ class OnnxClassifier:
         # Spinning threads burn CPU while waiting for work: a server has better uses for it.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
-        started = time.perf_counter()
         self.session = ort.InferenceSession(
             str(self.path / "model.onnx"), options, providers=["CPUExecutionProvider"]
         )
-        self.load_seconds = time.perf_counter() - started
 
     def run_tokens(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         probabilities, embeddings = self.session.run(
