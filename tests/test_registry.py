@@ -57,6 +57,14 @@ def test_promote_and_rollback(tmp_path):
     assert registry.current().name == "v1"
 
 
+def test_encoder_id_names_the_weights_or_for_old_manifests_the_package(tmp_path):
+    registry = ModelRegistry(tmp_path)
+    for encoder in ({"sha256": "p" * 64, "id": "w" * 64}, {"sha256": "p" * 64}):
+        with registry.stage() as staged:
+            registry.commit(staged, {"labels": ["a"], "encoder": encoder})
+    assert [v.encoder_id for v in registry.list_versions()] == ["w" * 64, "p" * 64]
+
+
 def test_failed_write_leaves_nothing(tmp_path):
     registry = ModelRegistry(tmp_path)
     with pytest.raises(RuntimeError):
