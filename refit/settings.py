@@ -121,7 +121,8 @@ class RefitSettings(BaseSettings):
     drift_interval_s: float = Field(60.0, ge=1)
     """Seconds between two runs of the drift job."""
     drift_embedding_threshold: float = Field(0.55, gt=0.5, lt=1)
-    """ROC AUC of a classifier told to separate window from reference above which embeddings drift."""
+    """ROC AUC of a classifier told to separate window from reference above which embeddings
+    drift."""
     drift_label_threshold: float = Field(0.1, gt=0, lt=1)
     """Jensen-Shannon distance of the predicted-label distributions above which they drift."""
     drift_confidence_threshold: float = Field(0.1, gt=0, lt=1)
@@ -214,7 +215,7 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     return messages
 
 
-# -- the README's settings table --------------------------------------------------------------------
+# -- the README's settings table ------------------------------------------------------------------
 
 
 def settings_table() -> str:

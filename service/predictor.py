@@ -10,6 +10,7 @@ is logged, counted and shown by ``/models``, and not retried until the pointer c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -161,10 +162,8 @@ class ModelHolder:
         # the watcher yields the CPU to the threads answering requests. (With onnxruntime's own
         # thread pool in use, its threads would inherit the lower priority, so then it doesn't.)
         if self.ort_threads == 1 and hasattr(os, "setpriority"):
-            try:
+            with contextlib.suppress(OSError):
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-            except OSError:
-                pass
         while not self._stop.wait(self.poll_interval_s):
             try:
                 self.sync()

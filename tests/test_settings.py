@@ -71,7 +71,7 @@ def test_settings_command_prints_the_table():
     assert done.stdout == settings_table()
 
 
-# -- variables that are no setting ------------------------------------------------------------------
+# -- variables that are no setting ----------------------------------------------------------------
 
 
 def test_a_misspelt_variable_is_named_with_the_closest_setting():
@@ -103,10 +103,12 @@ def test_load_settings_logs_a_warning_for_each_unknown_variable(monkeypatch, cap
         settings = load_settings()
     assert settings.drift_window == 2500
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any("REFIT_DRIFT_WINDOWS" in w and "REFIT_DRIFT_WINDOW?" in w for w in warnings), warnings
+    assert any("REFIT_DRIFT_WINDOWS" in w and "REFIT_DRIFT_WINDOW?" in w for w in warnings), (
+        warnings
+    )
 
 
-# -- log level ----------------------------------------------------------------------------------------
+# -- log level ------------------------------------------------------------------------------------
 
 
 @pytest.fixture

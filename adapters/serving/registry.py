@@ -27,13 +27,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from refit.errors import ConflictError, RegistryError, VersionNotFoundError
 from refit.files import atomic_write_json, fsync_path, fsync_tree
@@ -45,7 +45,7 @@ POINTER = "current.json"
 
 
 def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def version_number(version: str) -> int:

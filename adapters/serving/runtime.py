@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import onnxruntime as ort
 
-from adapters.serving.tokenization import DEFAULT_MAX_SEQ_LENGTH, pad, plan_batches, shared_tokenizer
+from adapters.serving.tokenization import (
+    DEFAULT_MAX_SEQ_LENGTH,
+    pad,
+    plan_batches,
+    shared_tokenizer,
+)
 
 OUTPUTS = ["probabilities", "embedding"]
 # (texts, tokens) per warm-up run: the run sizes the length-aware planner produces.
