@@ -9,7 +9,7 @@ DEMO_DATA := data/demo/intents.jsonl
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: install model serve test test-prereqs bench clean
+.PHONY: install model serve test test-prereqs lint bench clean
 
 install: $(STAMP)
 
@@ -36,6 +36,11 @@ test-prereqs:
 
 test: install test-prereqs
 	$(BIN)/python -m pytest
+
+# Style and types (configured in pyproject.toml).
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) model_registry var .pytest_cache

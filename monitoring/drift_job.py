@@ -24,6 +24,7 @@ from adapters.serving.registry import ModelRegistry
 from refit.files import atomic_write_bytes
 from monitoring.drift import DriftResult, Reference, Thresholds, Window, detect
 from monitoring.metrics import metrics
+from refit.logs import configure_logging
 from refit.settings import RefitSettings, load_settings
 from refit.store import Store
 
@@ -126,6 +127,7 @@ def main() -> int:
     except OSError:
         pass
     settings = load_settings()
+    configure_logging(settings)
     store = Store.from_url(settings.resolved_database_url)
     job = DriftJob(settings, store)
     parent = os.getppid()

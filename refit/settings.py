@@ -1,16 +1,43 @@
 """All settings, in one pydantic-settings class read from ``REFIT_*`` environment variables.
 
 Built once at start-up and passed to whoever needs it. A bad value stops start-up with a message
-naming the variable and the problem (see :func:`load_settings`).
+naming the variable and the problem, and a ``REFIT_*`` variable that is no setting (a typo, or a
+setting since removed) is logged as a warning naming the closest real one (see
+:func:`load_settings`).
+
+Every field carries a docstring: its first sentence is the README's description of the setting.
+``python -m refit.settings --markdown`` prints the README's settings table and
+``python -m refit.settings --readme README.md`` rewrites it in place.
 """
 
 from __future__ import annotations
 
+import argparse
+import difflib
+import logging
+import os
+import re
+import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+log = logging.getLogger("refit.settings")
+
+ENV_PREFIX = "REFIT_"
+# Variables with these prefixes belong to tools around the service (the benchmarks), not to it.
+FOREIGN_PREFIXES = ("REFIT_BENCH_",)
+# Settings that existed once, and why they went: a deployment may still set them.
+REMOVED_SETTINGS = {
+    "REFIT_BATCH_MAX_LATENCY_MS": "the batcher never waits to fill a batch (a batch starts as soon "
+    "as an inference thread is free), so there is no latency for it to budget; overload is "
+    "refused at once with 503 instead",
+}
+README_START = "<!-- settings:start -->"
+README_END = "<!-- settings:end -->"
 
 
 class SettingsError(SystemExit):
@@ -18,7 +45,11 @@ class SettingsError(SystemExit):
 
 
 class RefitSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="REFIT_", extra="ignore", frozen=True)
+    """The service's configuration; each field is read from ``REFIT_<FIELD NAME>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="ignore", frozen=True, use_attribute_docstrings=True
+    )
 
     # -- where things live ----------------------------------------------------------------------
     registry_path: Path = Path("model_registry")
@@ -26,8 +57,8 @@ class RefitSettings(BaseSettings):
     data_dir: Path = Path("var")
     """Folder for the SQLite database (by default), drift reports and lock files."""
     database_url: str | None = None
-    """SQLAlchemy URL of the prediction/feedback/job store, e.g.
-    ``postgresql+psycopg://user:pw@host/db``. Default: SQLite file ``<data_dir>/refit.db``."""
+    """SQLAlchemy URL of the prediction, feedback and job store, such as
+    ``postgresql+psycopg://user:pw@host/db``; unset: the SQLite file ``<data_dir>/refit.db``."""
 
     # -- serving ----------------------------------------------------------------------------------
     workers: int = Field(2, ge=1, le=64)
@@ -41,8 +72,6 @@ class RefitSettings(BaseSettings):
     """Largest request body accepted; larger bodies get 413."""
     batch_max_size: int = Field(64, ge=2, le=1024)
     """Most texts the adaptive batcher puts into one inference call."""
-    batch_max_latency_ms: int = Field(100, ge=1, le=60_000)
-    """Latency budget of the adaptive batcher."""
     keepalive_requests: int = Field(100, ge=0)
     """Requests served on one keep-alive connection before the service asks the client to
     reconnect (0: never). Workers share one listening socket and a connection stays with the
@@ -68,10 +97,13 @@ class RefitSettings(BaseSettings):
 
     # -- admin ------------------------------------------------------------------------------------
     admin_token: SecretStr | None = None
-    """Bearer token required by ``/retrain`` and ``/models/promote``. Unset: they are open."""
+    """Bearer token required by ``/retrain`` and ``/models/promote``, at least 16 characters;
+    unset: they are open."""
 
     # -- retraining -------------------------------------------------------------------------------
     retrain_min_feedback: int = Field(20, ge=1)
+    """Labelled feedback items a retrain needs by default; fewer is a 409 (a request's
+    ``min_feedback`` overrides it)."""
     retrain_holdout_fraction: float = Field(0.2, gt=0, lt=0.9)
     """Share of feedback (per label) held out from training to judge the challenger."""
     retrain_replay_rows: int = Field(5000, ge=0)
@@ -87,8 +119,10 @@ class RefitSettings(BaseSettings):
     drift_min_window: int = Field(100, ge=10)
     """Fewer recent predictions than this: no drift verdict yet."""
     drift_interval_s: float = Field(60.0, ge=1)
+    """Seconds between two runs of the drift job."""
     drift_embedding_threshold: float = Field(0.55, gt=0.5, lt=1)
-    """ROC AUC of a classifier told to separate window from reference above which embeddings drift."""
+    """ROC AUC of a classifier told to separate window from reference above which embeddings
+    drift."""
     drift_label_threshold: float = Field(0.1, gt=0, lt=1)
     """Jensen-Shannon distance of the predicted-label distributions above which they drift."""
     drift_confidence_threshold: float = Field(0.1, gt=0, lt=1)
@@ -98,7 +132,10 @@ class RefitSettings(BaseSettings):
     online_accuracy_window: int = Field(500, ge=10)
     """Feedback on logged predictions that online accuracy is computed over."""
 
+    # -- logging ----------------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Level of refit's own log messages (the ``refit.*`` loggers) in the serving workers, the
+    retrain job and the drift job."""
 
     @field_validator("database_url")
     @classmethod
@@ -126,16 +163,127 @@ class RefitSettings(BaseSettings):
 
     @property
     def resolved_database_url(self) -> str:
+        """The store's URL: :attr:`database_url`, or the SQLite file in :attr:`data_dir`."""
         return self.database_url or f"sqlite:///{(self.data_dir / 'refit.db').resolve()}"
 
 
+def env_name(field_name: str) -> str:
+    """The environment variable a field is read from."""
+    return ENV_PREFIX + field_name.upper()
+
+
 def load_settings(**overrides: object) -> RefitSettings:
-    """Settings from the environment; a bad value exits with a message naming the variable."""
+    """Settings from the environment; a bad value exits with a message naming the variable.
+
+    ``REFIT_*`` variables that are no setting are logged as warnings (see
+    :func:`unknown_variables`): pydantic-settings would ignore them silently.
+    """
+    for message in unknown_variables(os.environ):
+        log.warning("%s", message)
     try:
         return RefitSettings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         lines = []
         for error in exc.errors():
-            name = "REFIT_" + "_".join(str(p) for p in error["loc"]).upper() if error["loc"] else "REFIT_*"
+            loc = error["loc"]
+            name = env_name("_".join(str(p) for p in loc)) if loc else ENV_PREFIX + "*"
             lines.append(f"  {name}: {error['msg']}")
         raise SettingsError("refit: invalid settings:\n" + "\n".join(lines)) from None
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One message per ``REFIT_*`` variable in ``environ`` that names no setting.
+
+    Each names the variable and the closest setting, if one is close, or why a removed setting
+    went. Names are compared as pydantic-settings reads them: without regard to case.
+    """
+    known = {env_name(name) for name in RefitSettings.model_fields}
+    messages = []
+    for variable in sorted(environ):
+        upper = variable.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in known:
+            continue
+        if upper.startswith(FOREIGN_PREFIXES):
+            continue
+        if upper in REMOVED_SETTINGS:
+            messages.append(f"{variable} is set but is no longer a setting: "
+                            f"{REMOVED_SETTINGS[upper]}; it is ignored")
+            continue
+        close = difflib.get_close_matches(upper, sorted(known), n=1, cutoff=0.75)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        messages.append(f"{variable} is set but is no refit setting, so it is ignored{hint}")
+    return messages
+
+
+# -- the README's settings table ------------------------------------------------------------------
+
+
+def settings_table() -> str:
+    """The README's table of every setting: variable, default and the docstring's first sentence."""
+    rows = ["| Variable | Default | Meaning |", "| --- | --- | --- |"]
+    for name, info in RefitSettings.model_fields.items():
+        if not info.description:
+            raise ValueError(f"RefitSettings.{name} has no docstring: document it")
+        rows.append(
+            f"| `{env_name(name)}` | {_default_cell(info.default)} | "
+            f"{_cell(first_sentence(info.description))} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def first_sentence(text: str) -> str:
+    """The text up to the first full stop that ends a sentence, on one line."""
+    text = " ".join(text.split())
+    # A sentence ends at a full stop followed by a capital letter, unless it is an abbreviation.
+    for match in re.finditer(r"\.\s+(?=[A-Z])", text):
+        if not text[: match.start()].endswith(("e.g", "i.e", "etc")):
+            return text[: match.start() + 1]
+    return text
+
+
+def _cell(text: str) -> str:
+    # reStructuredText literals (``x``) become Markdown code; a pipe would end the cell.
+    return text.replace("``", "`").replace("|", "\\|")
+
+
+def _default_cell(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, Path):
+        value = str(value)
+    return f"`{value}`"
+
+
+def replace_readme_table(readme: str, table: str) -> str:
+    """``readme`` with the text between the settings markers replaced by ``table``."""
+    start, end = readme.find(README_START), readme.find(README_END)
+    if start < 0 or end < start:
+        raise ValueError(f"the README lacks the markers {README_START} ... {README_END}")
+    return readme[: start + len(README_START)] + "\n" + table + readme[end:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m refit.settings", description="Document refit's settings."
+    )
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--markdown", action="store_true",
+                        help="print the settings table in Markdown")
+    action.add_argument("--readme", type=Path, metavar="PATH",
+                        help="rewrite the settings table in this README, between its markers")
+    args = parser.parse_args(argv)
+    table = settings_table()
+    if args.markdown:
+        sys.stdout.write(table)
+        return 0
+    try:
+        updated = replace_readme_table(args.readme.read_text(), table)
+    except (OSError, ValueError) as exc:
+        print(f"refit.settings: {exc}", file=sys.stderr)
+        return 2
+    args.readme.write_text(updated)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

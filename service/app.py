@@ -36,6 +36,7 @@ from refit.errors import (
     UnauthorizedError,
     UnsupportedMediaTypeError,
 )
+from refit.logs import configure_logging
 from refit.settings import load_settings
 from service.dataplane import DataPlane
 from service.schemas import FeedbackRequest, PredictRequest, PromoteRequest, RetrainRequest
@@ -48,6 +49,7 @@ log = logging.getLogger("refit.http")
 os.environ.setdefault("UV_TCP_SINGLE_ACCEPT", "1")
 
 settings = load_settings()
+configure_logging(settings)
 plane = DataPlane(settings)
 
 ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]

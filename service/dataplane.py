@@ -366,7 +366,6 @@ def _initialise_metrics() -> None:
 @lru_cache(maxsize=64)
 def _encoder_id_of(registry: ModelRegistry, version: str) -> str | None:
     try:
-        encoder = registry.get(version).manifest["encoder"]
+        return registry.get(version).encoder_id
     except Exception:  # noqa: BLE001 - a version deleted by hand: no reusable embedding
         return None
-    return encoder.get("id", encoder.get("sha256"))

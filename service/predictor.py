@@ -10,12 +10,12 @@ is logged, counted and shown by ``/models``, and not retried until the pointer c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -51,8 +51,6 @@ class BatchOutput:
 class SwapStatus:
     last_error: str | None = None
     failed_version: str | None = None
-    swaps: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 class ModelHolder:
@@ -61,12 +59,10 @@ class ModelHolder:
         registry: ModelRegistry,
         ort_threads: int = 1,
         poll_interval_s: float = 1.0,
-        on_swap: Callable[[ServingModel], None] | None = None,
     ) -> None:
         self.registry = registry
         self.ort_threads = ort_threads
         self.poll_interval_s = poll_interval_s
-        self.on_swap = on_swap
         self._model: ServingModel | None = None
         self._load_lock = threading.Lock()
         self._stop = threading.Event()
@@ -133,7 +129,7 @@ class ModelHolder:
                 version=version.name,
                 classifier=classifier,
                 labels=tuple(classifier.labels),
-                encoder_id=version.manifest["encoder"].get("id", version.manifest["encoder"]["sha256"]),
+                encoder_id=version.encoder_id,
                 loaded_at=time.time(),
             )
         except Exception as exc:  # noqa: BLE001 - any load failure keeps the old model
@@ -146,12 +142,8 @@ class ModelHolder:
         seconds = time.perf_counter() - started
         previous = self._model
         self._model = model  # the swap: one reference assignment
-        self.status.swaps += 1
         self.status.last_error = None
         self.status.failed_version = None
-        self.status.history = (self.status.history + [
-            {"version": model.version, "at": model.loaded_at, "load_seconds": round(seconds, 3)}
-        ])[-10:]
         m.model_swaps.labels(outcome="loaded").inc()
         m.model_load_duration.observe(seconds)
         if previous is not None:
@@ -159,8 +151,6 @@ class ModelHolder:
         m.model_info.labels(model_version=model.version).set(1)
         log.info("serving model %s (was %s), loaded and warmed in %.2fs",
                  model.version, previous.version if previous else "none", seconds)
-        if self.on_swap is not None:
-            self.on_swap(model)
         return True
 
     def start_watching(self) -> None:
@@ -172,10 +162,8 @@ class ModelHolder:
         # the watcher yields the CPU to the threads answering requests. (With onnxruntime's own
         # thread pool in use, its threads would inherit the lower priority, so then it doesn't.)
         if self.ort_threads == 1 and hasattr(os, "setpriority"):
-            try:
+            with contextlib.suppress(OSError):
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-            except OSError:
-                pass
         while not self._stop.wait(self.poll_interval_s):
             try:
                 self.sync()

@@ -1,4 +1,5 @@
-"""The registry's invariants, including under crashes at awkward instants (real processes, SIGKILL)."""
+"""The registry's invariants, including under crashes at awkward instants (real processes,
+SIGKILL)."""
 
 from __future__ import annotations
 
@@ -57,12 +58,19 @@ def test_promote_and_rollback(tmp_path):
     assert registry.current().name == "v1"
 
 
+def test_encoder_id_names_the_weights_or_for_old_manifests_the_package(tmp_path):
+    registry = ModelRegistry(tmp_path)
+    for encoder in ({"sha256": "p" * 64, "id": "w" * 64}, {"sha256": "p" * 64}):
+        with registry.stage() as staged:
+            registry.commit(staged, {"labels": ["a"], "encoder": encoder})
+    assert [v.encoder_id for v in registry.list_versions()] == ["w" * 64, "p" * 64]
+
+
 def test_failed_write_leaves_nothing(tmp_path):
     registry = ModelRegistry(tmp_path)
-    with pytest.raises(RuntimeError):
-        with registry.stage() as staged:
-            (staged.path / "model.onnx").write_bytes(b"half")
-            raise RuntimeError("export failed")
+    with pytest.raises(RuntimeError), registry.stage() as staged:
+        (staged.path / "model.onnx").write_bytes(b"half")
+        raise RuntimeError("export failed")
     assert registry.list_versions() == []
     assert list(registry.staging_dir.iterdir()) == []
 
@@ -93,7 +101,9 @@ CRASHER = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("point", ["mid-files", "manifest-fsync", "before-rename", "pointer-replace"])
+@pytest.mark.parametrize(
+    "point", ["mid-files", "manifest-fsync", "before-rename", "pointer-replace"]
+)
 def test_crash_at_each_step_leaves_registry_and_pointer_intact(tmp_path, point):
     registry = ModelRegistry(tmp_path)
     commit_dummy(registry)
@@ -130,7 +140,8 @@ LOOPER = textwrap.dedent(
         payload = os.urandom(200000 + i)
         with r.stage() as staged:
             (staged.path / "model.onnx").write_bytes(payload)
-            v = r.commit(staged, {{"labels": ["a"], "payload_sha256": hashlib.sha256(payload).hexdigest()}})
+            digest = hashlib.sha256(payload).hexdigest()
+            v = r.commit(staged, {{"labels": ["a"], "payload_sha256": digest}})
         r.promote(v.name)
     """
 )

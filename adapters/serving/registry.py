@@ -27,13 +27,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from refit.errors import ConflictError, RegistryError, VersionNotFoundError
 from refit.files import atomic_write_json, fsync_path, fsync_tree
@@ -45,7 +45,7 @@ POINTER = "current.json"
 
 
 def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def version_number(version: str) -> int:
@@ -77,6 +77,17 @@ class ModelVersion:
         return list(self.manifest["labels"])
 
     @property
+    def encoder_id(self) -> str:
+        """Identifies the encoder weights behind this version's embeddings.
+
+        Embeddings computed under two versions with the same id are interchangeable, so a retrain
+        reuses logged ones instead of encoding again. Manifests written before the ``id`` field
+        existed name the encoder package's hash, which is what identified the weights then.
+        """
+        encoder = self.manifest["encoder"]
+        return str(encoder.get("id", encoder["sha256"]))
+
+    @property
     def onnx_path(self) -> Path:
         return self.path / "model.onnx"
 
@@ -104,9 +115,6 @@ class ModelRegistry:
         self.pointer_path = self.root / POINTER
 
     # -- reading -----------------------------------------------------------------------------
-
-    def exists(self) -> bool:
-        return self.versions_dir.is_dir()
 
     def list_versions(self) -> list[ModelVersion]:
         if not self.versions_dir.is_dir():

@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import onnxruntime as ort
 
-from adapters.serving.tokenization import DEFAULT_MAX_SEQ_LENGTH, pad, plan_batches, shared_tokenizer
+from adapters.serving.tokenization import (
+    DEFAULT_MAX_SEQ_LENGTH,
+    pad,
+    plan_batches,
+    shared_tokenizer,
+)
 
 OUTPUTS = ["probabilities", "embedding"]
 # (texts, tokens) per warm-up run: the run sizes the length-aware planner produces.
@@ -46,11 +51,9 @@ class OnnxClassifier:
         # Spinning threads burn CPU while waiting for work: a server has better uses for it.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
-        started = time.perf_counter()
         self.session = ort.InferenceSession(
             str(self.path / "model.onnx"), options, providers=["CPUExecutionProvider"]
         )
-        self.load_seconds = time.perf_counter() - started
 
     def run_tokens(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         probabilities, embeddings = self.session.run(
