@@ -74,6 +74,13 @@ class NotReadyError(RefitError):
     status = HTTPStatus.SERVICE_UNAVAILABLE
 
 
+class StoreUnavailableError(RefitError):
+    """The database cannot be reached; the caller should retry (503 with ``Retry-After``)."""
+
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+    retry_after_s = 5
+
+
 class DatasetError(InvalidInputError):
     """A training or evaluation file is unusable; the message names the file and line."""
 

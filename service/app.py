@@ -22,6 +22,7 @@ import bentoml
 import orjson
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -39,6 +40,7 @@ from refit.errors import (
 from refit.settings import load_settings
 from service.dataplane import DataPlane
 from service.schemas import FeedbackRequest, PredictRequest, PromoteRequest, RetrainRequest
+from service.security import SecurityHeadersMiddleware
 
 log = logging.getLogger("refit.http")
 
@@ -60,7 +62,11 @@ def json_response(body: Any, status: int = 200) -> Response:
 
 
 def error_response(exc: RefitError) -> Response:
-    return json_response(exc.to_dict(), int(exc.status))
+    response = json_response(exc.to_dict(), int(exc.status))
+    retry_after = getattr(exc, "retry_after_s", None)
+    if retry_after is not None:
+        response.headers["retry-after"] = str(retry_after)
+    return response
 
 
 def _field_path(location: tuple[Any, ...]) -> str:
@@ -225,8 +231,11 @@ async def drift(request: Request) -> Response:
 
 
 async def drift_report(request: Request) -> Response:
-    path = plane.drift_report_path()
-    return Response(path.read_bytes(), media_type="text/html; charset=utf-8")
+    body, policy = plane.drift_report()
+    return Response(
+        body, media_type="text/html; charset=utf-8",
+        headers={"content-security-policy": policy, "cache-control": "no-store"},
+    )
 
 
 async def prometheus_metrics(request: Request) -> Response:
@@ -267,7 +276,8 @@ http_app = Starlette(
         route("/drift/report", "drift_report", {"GET": drift_report}),
         route("/metrics", "metrics", {"GET": prometheus_metrics}),
         route("/", "index", {"GET": index}),
-    ]
+    ],
+    middleware=[Middleware(SecurityHeadersMiddleware)],
 )
 
 
