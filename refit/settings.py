@@ -97,8 +97,15 @@ class RefitSettings(BaseSettings):
 
     # -- admin ------------------------------------------------------------------------------------
     admin_token: SecretStr | None = None
-    """Bearer token required by ``/retrain`` and ``/models/promote``, at least 16 characters;
-    unset: they are open."""
+    """Bearer token for the admin endpoints (retrain, promote, relabel, delete), at least 16
+    characters. Unset: they answer only clients on this machine (loopback)."""
+    feedback_key: SecretStr | None = None
+    """Bearer key for posting feedback (the admin token works too). Unset: only clients on this
+    machine may post feedback."""
+    feedback_rate_per_minute: int = Field(600, ge=0, le=1_000_000)
+    """Feedback items one client may post per minute, per worker (0: no limit)."""
+    retrain_rate_per_hour: int = Field(12, ge=0, le=10_000)
+    """Retrain requests one client may make per hour, per worker (0: no limit)."""
 
     # -- retraining -------------------------------------------------------------------------------
     retrain_min_feedback: int = Field(20, ge=1)
@@ -146,7 +153,7 @@ class RefitSettings(BaseSettings):
             raise ValueError("must be sqlite:///PATH or postgresql+psycopg://USER@HOST/DB")
         return value
 
-    @field_validator("admin_token")
+    @field_validator("admin_token", "feedback_key")
     @classmethod
     def _strong_token(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None or value.get_secret_value() == "":

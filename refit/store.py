@@ -18,6 +18,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from sqlalchemy import (
     Column,
+    Dialect,
     Float,
     Integer,
     LargeBinary,
@@ -35,9 +36,37 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.types import TypeDecorator
 
-from refit.errors import ConflictError, NotFoundError
+from refit.errors import ConflictError, NotFoundError, StoreUnavailableError
+
+# A text column's escape marker: a noncharacter no real text starts with. Texts holding NUL (which
+# PostgreSQL's ``text`` rejects) or starting with the marker are stored as the marker followed by
+# their JSON string literal, which spells NUL as \u0000; every other text is stored as it is.
+_ESCAPED = "\uffff"
+
+
+class RowsRejectedError(Exception):
+    """The database refused the rows themselves (a bad value, a constraint), not the connection."""
+
+
+class LosslessText(TypeDecorator[str]):
+    """Text that round-trips exactly on every backend, NUL characters included."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        if value is not None and ("\x00" in value or value.startswith(_ESCAPED)):
+            return _ESCAPED + json.dumps(value, ensure_ascii=False)
+        return value
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> str | None:
+        if value is not None and value.startswith(_ESCAPED):
+            decoded: str = json.loads(value[len(_ESCAPED):])
+            return decoded
+        return value
 
 metadata = MetaData()
 
@@ -47,7 +76,7 @@ predictions = Table(
     Column("id", String(40), primary_key=True),
     Column("created_at", Float, nullable=False, index=True),
     Column("model_version", String(32), nullable=False),
-    Column("text", Text, nullable=False),
+    Column("text", LosslessText, nullable=False),
     Column("label", String(200), nullable=False),
     Column("confidence", Float, nullable=False),
     Column("embedding", LargeBinary, nullable=False),
@@ -59,7 +88,7 @@ feedback = Table(
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("created_at", Float, nullable=False, index=True),
     Column("prediction_id", String(40), nullable=True, index=True),
-    Column("text", Text, nullable=False),
+    Column("text", LosslessText, nullable=False),
     Column("label", String(200), nullable=False),
     Column("predicted_label", String(200), nullable=True),
     Column("model_version", String(32), nullable=True),
@@ -131,6 +160,29 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _unavailable_on_disconnect(context: Any) -> None:
+    """Turn "cannot reach the database" into :class:`StoreUnavailableError` (a 503 at the edge).
+
+    Connection failures (refused, reset, timed out, server shut down) surface from the driver as
+    ``OperationalError``/``InterfaceError`` or as a disconnect; data errors (a bad value, a
+    constraint) are left alone, so they keep their own handling.
+    """
+    original = context.original_exception
+    sqlalchemy_error = context.sqlalchemy_exception
+    name = type(original).__name__
+    disconnect = bool(getattr(context, "is_disconnect", False))
+    if disconnect or name in ("OperationalError", "InterfaceError", "ConnectionTimeout"):
+        message = str(original).lower()
+        if context.dialect is not None and context.dialect.name == "sqlite" and not disconnect:
+            # SQLite: only a locked or unreadable file is "unavailable"; syntax/schema errors
+            # are OperationalError too and are real bugs.
+            if "locked" not in message and "unable to open" not in message:
+                return
+        raise StoreUnavailableError(
+            "the database is unreachable; try again shortly"
+        ) from (sqlalchemy_error or original)
+
+
 def vector_bytes(vector: np.ndarray) -> bytes:
     return np.ascontiguousarray(vector, dtype=np.float32).tobytes()
 
@@ -166,8 +218,18 @@ class Store:
             engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
             event.listen(engine, "connect", _sqlite_pragmas)
         else:
-            engine = create_engine(url, pool_size=4, max_overflow=4, pool_pre_ping=True)
+            engine = create_engine(
+                url, pool_size=4, max_overflow=4, pool_pre_ping=True,
+                # Fail fast while the server is down rather than hold a request for minutes.
+                connect_args={"connect_timeout": 3},
+            )
+        event.listen(engine, "handle_error", _unavailable_on_disconnect)
         return cls(engine)
+
+    def ping(self) -> None:
+        """Raise :class:`StoreUnavailableError` unless the database answers a trivial query."""
+        with self.engine.connect() as conn:
+            conn.execute(select(1))
 
     @property
     def dialect(self) -> str:
@@ -181,8 +243,11 @@ class Store:
     def insert_predictions(self, rows: Sequence[PredictionRecord]) -> None:
         if not rows:
             return
-        with self.engine.begin() as conn:
-            conn.execute(insert(predictions), [row.__dict__ for row in rows])
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(predictions), [row.__dict__ for row in rows])
+        except (DataError, IntegrityError) as exc:
+            raise RowsRejectedError(str(exc.orig or exc)) from exc
 
     def get_predictions(self, ids: Iterable[str]) -> dict[str, PredictionRecord]:
         wanted = list(set(ids))

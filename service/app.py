@@ -12,7 +12,6 @@ Start it with ``bentoml serve .`` (or ``make serve``) from the repository root.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 import time
@@ -22,6 +21,7 @@ import bentoml
 import orjson
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -33,13 +33,14 @@ from refit.errors import (
     MethodNotAllowedError,
     PayloadTooLargeError,
     RefitError,
-    UnauthorizedError,
     UnsupportedMediaTypeError,
 )
 from refit.logs import configure_logging
 from refit.settings import load_settings
 from service.dataplane import DataPlane
 from service.schemas import FeedbackRequest, PredictRequest, PromoteRequest, RetrainRequest
+from service.access import RateLimiter, RoleGuard
+from service.security import SecurityHeadersMiddleware
 
 log = logging.getLogger("refit.http")
 
@@ -62,7 +63,11 @@ def json_response(body: Any, status: int = 200) -> Response:
 
 
 def error_response(exc: RefitError) -> Response:
-    return json_response(exc.to_dict(), int(exc.status))
+    response = json_response(exc.to_dict(), int(exc.status))
+    retry_after = getattr(exc, "retry_after_s", None)
+    if retry_after is not None:
+        response.headers["retry-after"] = str(retry_after)
+    return response
 
 
 def _field_path(location: tuple[Any, ...]) -> str:
@@ -169,19 +174,29 @@ def route(path: str, name: str, handlers: dict[str, Handler]) -> Route:
     return Route(path, endpoint, methods=ALL_METHODS, name=name)
 
 
-def admin_only(handler: Handler) -> Handler:
-    """Require ``Authorization: Bearer $REFIT_ADMIN_TOKEN`` when that setting is set."""
-    if settings.admin_token is None:
-        return handler
-    expected = ("Bearer " + settings.admin_token.get_secret_value()).encode()
+admin_guard = RoleGuard("admin", "REFIT_ADMIN_TOKEN", settings.admin_token)
+feedback_guard = RoleGuard("feedback", "REFIT_FEEDBACK_KEY", settings.feedback_key,
+                           settings.admin_token)
+feedback_limit = RateLimiter(settings.feedback_rate_per_minute, 60, "feedback items")
+retrain_limit = RateLimiter(settings.retrain_rate_per_hour, 3600, "retrain requests")
+
+
+def _client_host(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
+def guarded_by(guard: RoleGuard, handler: Handler) -> Handler:
+    """Run ``handler`` only for callers ``guard`` admits (see service/access.py)."""
 
     async def guarded(request: Request) -> Response:
-        given = request.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(given, expected):
-            raise UnauthorizedError("this endpoint needs the admin token: Authorization: Bearer <token>")
+        guard.check(request.headers.get("authorization"), _client_host(request))
         return await handler(request)
 
     return guarded
+
+
+def admin_only(handler: Handler) -> Handler:
+    return guarded_by(admin_guard, handler)
 
 
 # -- handlers ----------------------------------------------------------------------------------
@@ -194,6 +209,7 @@ async def predict(request: Request) -> Response:
 
 async def feedback(request: Request) -> Response:
     body = await read_json(request, FeedbackRequest)
+    feedback_limit.take(_client_host(request), len(body.items))
     return json_response(await plane.feedback(body.items))
 
 
@@ -208,6 +224,7 @@ async def promote(request: Request) -> Response:
 
 async def retrain(request: Request) -> Response:
     body = await read_json(request, RetrainRequest)
+    retrain_limit.take(_client_host(request))
     job = await plane.retrain(body.model_dump())
     response = json_response(job, 202)
     response.headers["location"] = f"/retrain/{job['job_id']}"
@@ -227,8 +244,11 @@ async def drift(request: Request) -> Response:
 
 
 async def drift_report(request: Request) -> Response:
-    path = plane.drift_report_path()
-    return Response(path.read_bytes(), media_type="text/html; charset=utf-8")
+    body, policy = plane.drift_report()
+    return Response(
+        body, media_type="text/html; charset=utf-8",
+        headers={"content-security-policy": policy, "cache-control": "no-store"},
+    )
 
 
 async def prometheus_metrics(request: Request) -> Response:
@@ -260,7 +280,7 @@ async def index(request: Request) -> Response:
 http_app = Starlette(
     routes=[
         route("/predict", "predict", {"POST": predict}),
-        route("/feedback", "feedback", {"POST": feedback}),
+        route("/feedback", "feedback", {"POST": guarded_by(feedback_guard, feedback)}),
         route("/models", "models", {"GET": list_models}),
         route("/models/promote", "promote", {"POST": admin_only(promote)}),
         route("/retrain", "retrain", {"POST": admin_only(retrain), "GET": admin_only(retrain_jobs)}),
@@ -269,7 +289,8 @@ http_app = Starlette(
         route("/drift/report", "drift_report", {"GET": drift_report}),
         route("/metrics", "metrics", {"GET": prometheus_metrics}),
         route("/", "index", {"GET": index}),
-    ]
+    ],
+    middleware=[Middleware(SecurityHeadersMiddleware)],
 )
 
 
@@ -288,11 +309,12 @@ class RefitService:
 
     @bentoml.on_startup
     async def start(self) -> None:
-        if settings.admin_token is None:
-            log.warning(
-                "REFIT_ADMIN_TOKEN is not set: /retrain and /models/promote are open to anyone "
-                "who can reach this service"
-            )
+        for guard in (admin_guard, feedback_guard):
+            if not guard.configured:
+                log.warning(
+                    "%s is not set: the %s endpoints answer only clients on this machine",
+                    guard.setting, guard.role,
+                )
         await plane.start()
 
     @bentoml.on_shutdown

@@ -28,10 +28,11 @@ from refit.errors import InvalidInputError, NotFoundError
 from refit.settings import RefitSettings
 from refit.store import FeedbackRecord, PredictionRecord, Store
 from service.batching import AdaptiveBatcher
-from service.jobs import RetrainJobs
+from service.jobs import JOB_ID, RetrainJobs
 from service.prediction_log import PredictionLog
 from service.predictor import BatchOutput, ModelHolder
 from service.schemas import FeedbackItem
+from service.security import inline_script_policy
 
 log = logging.getLogger("refit.dataplane")
 
@@ -66,6 +67,7 @@ class DataPlane:
             concurrency=settings.inference_threads,
         )
         self.started_at = time.time()
+        self._report_cache: tuple[tuple[int, int], bytes, str] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -81,6 +83,7 @@ class DataPlane:
             flush_interval_s=self.settings.log_flush_interval_ms / 1000,
             retention_rows=self.settings.retention_rows,
             retention_days=self.settings.retention_days,
+            quarantine_path=self.settings.data_dir / "quarantine" / "predictions.jsonl",
         )
         self.prediction_log.start()
         self.jobs = RetrainJobs(self.settings, self.store)
@@ -113,7 +116,9 @@ class DataPlane:
 
     @property
     def ready(self) -> bool:
-        return self.holder.ready and self.store is not None
+        return (
+            self.holder.ready and self.prediction_log is not None and self.prediction_log.store_ok
+        )
 
     # -- predict ---------------------------------------------------------------------------------
 
@@ -234,21 +239,28 @@ class DataPlane:
         return {"accepted": len(ids), "feedback_ids": ids}
 
     def _find_predictions(self, ids: list[str]) -> dict[str, PredictionRecord]:
-        """Logged predictions by id, waiting briefly for ones other workers have yet to flush."""
+        """Logged predictions by id, waiting briefly for ones other workers have yet to flush.
+
+        Every wait is bounded by this server's clock, never by the client's data: only an id
+        whose embedded time lies within the last few flush intervals (by our clock) may still sit
+        in another worker's buffer, and the whole lookup waits at most that long. A forged id
+        (from the far future or past) is looked up once and reported unknown.
+        """
         if not ids:
             return {}
         assert self.store is not None and self.prediction_log is not None
         found = self.prediction_log.pending(ids)
         found.update(self.store.get_predictions(i for i in ids if i not in found))
         flush_s = self.settings.log_flush_interval_ms / 1000
+        max_wait = 3 * flush_s + 1.0
+        started = time.monotonic()
         while True:
             missing = [i for i in ids if i not in found]
-            if not missing:
+            if not missing or time.monotonic() - started >= max_wait:
                 return found
-            # A prediction another worker made moments ago may still sit in its buffer.
-            issued = [prediction_id_time(i) for i in missing]
-            deadline = max((t for t in issued if t is not None), default=0.0) + 3 * flush_s + 1.0
-            if time.time() >= deadline:
+            now = time.time()
+            issued = (prediction_id_time(i) for i in missing)
+            if not any(t is not None and now - max_wait <= t <= now + 1.0 for t in issued):
                 return found
             time.sleep(min(0.05, flush_s / 2))
             found.update(self.prediction_log.pending(missing))
@@ -319,6 +331,8 @@ class DataPlane:
 
     async def retrain_status(self, job_id: str) -> dict[str, Any]:
         assert self.jobs is not None
+        if not JOB_ID.fullmatch(job_id):
+            raise NotFoundError(f"no retrain job {job_id[:64]!r}", field="job_id")
         return await asyncio.to_thread(self.jobs.get, job_id)
 
     async def retrain_jobs(self) -> dict[str, Any]:
@@ -339,14 +353,21 @@ class DataPlane:
                 f"{self.settings.drift_interval_s:g}s",
             }
 
-    def drift_report_path(self) -> Path:
+    def drift_report(self) -> tuple[bytes, str]:
+        """The latest drift report's HTML and the Content-Security-Policy to serve it with."""
         path = drift_dir(self.settings) / "report.html"
-        if not path.exists():
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
             raise NotFoundError(
                 "no drift report yet: one is written once the window holds "
                 f"{self.settings.drift_min_window} predictions by the serving version"
-            )
-        return path
+            ) from None
+        key = (stat.st_mtime_ns, stat.st_size)
+        if self._report_cache is None or self._report_cache[0] != key:
+            body = path.read_bytes()
+            self._report_cache = (key, body, inline_script_policy(body))
+        return self._report_cache[1], self._report_cache[2]
 
 
 def _initialise_metrics() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import subprocess
 import threading
@@ -26,6 +27,9 @@ from refit.errors import ConflictError
 from refit.processes import pid_alive, spawn_module
 from refit.settings import RefitSettings
 from refit.store import TERMINAL_PHASES, Store
+
+JOB_ID = re.compile(r"job-[0-9]{8}-[0-9]{6}-[0-9a-f]{6}")
+"""What :meth:`RetrainJobs.submit` issues; anything else is not a job (and never reaches SQL)."""
 
 log = logging.getLogger("refit.jobs")
 

@@ -5,17 +5,25 @@ moves the buffer to the store every ``flush_interval`` in one transaction. A cle
 flushes what is left, so accepted predictions are not lost. If the store is unavailable the
 records wait in the buffer, up to ``max_pending``; beyond that the oldest are dropped and
 counted, so a long outage cannot exhaust memory. The writer also enforces retention (rows and age).
+
+A batch the store *rejects* (as opposed to cannot reach) must not block the writes behind it:
+the batch is bisected until the rows it refuses are isolated, every other row is written, and
+each refused row is quarantined, appended as JSON to ``<data_dir>/quarantine/predictions.jsonl``
+where a person can see it, and counted in ``refit_prediction_log_quarantined_total``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Iterable
 
 from monitoring.metrics import metrics
-from refit.store import PredictionRecord, Store
+from refit.errors import StoreUnavailableError
+from refit.store import PredictionRecord, RowsRejectedError, Store
 
 log = logging.getLogger("refit.prediction_log")
 
@@ -29,8 +37,12 @@ class PredictionLog:
         retention_days: float = 30.0,
         retention_every_s: float = 60.0,
         max_pending: int = 200_000,
+        quarantine_path: Path | None = None,
     ) -> None:
         self.store = store
+        self.quarantine_path = quarantine_path
+        self.store_ok = True
+        """Whether the last contact with the store succeeded (readiness follows it)."""
         self.flush_interval_s = flush_interval_s
         self.retention_rows = retention_rows
         self.retention_seconds = retention_days * 86400
@@ -42,6 +54,7 @@ class PredictionLog:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_retention = 0.0
+        self._last_ping = 0.0
 
     def add(self, records: list[PredictionRecord]) -> None:
         with self._lock:
@@ -59,9 +72,10 @@ class PredictionLog:
 
     def _run(self) -> None:
         while not self._stop.wait(self.flush_interval_s):
-            self.flush()
+            if not self.flush():
+                self._check_store()
             now = time.monotonic()
-            if now - self._last_retention >= self.retention_every_s:
+            if self.store_ok and now - self._last_retention >= self.retention_every_s:
                 self._last_retention = now
                 try:
                     deleted = self.store.enforce_retention(self.retention_rows, self.retention_seconds)
@@ -69,6 +83,25 @@ class PredictionLog:
                         log.info("retention: deleted %d old predictions", deleted)
                 except Exception:  # noqa: BLE001
                     log.exception("retention pass failed")
+
+    def _check_store(self) -> None:
+        """With nothing to write, ask the store whether it is there (at most once a second)."""
+        now = time.monotonic()
+        if now - self._last_ping < 1.0:
+            return
+        self._last_ping = now
+        try:
+            self.store.ping()
+        except Exception:  # noqa: BLE001 - any failure to answer counts as unavailable
+            self._set_store_ok(False)
+        else:
+            self._set_store_ok(True)
+
+    def _set_store_ok(self, ok: bool) -> None:
+        if ok != self.store_ok:
+            log.warning("the store is %s", "reachable again" if ok else "unreachable")
+        self.store_ok = ok
+        metrics().store_up.set(1 if ok else 0)
 
     def flush(self) -> int:
         """Write the buffer to the store; returns how many records were written."""
@@ -79,17 +112,61 @@ class PredictionLog:
             if not batch:
                 return 0
             try:
-                self.store.insert_predictions(batch)
-            except Exception:  # noqa: BLE001 - keep the records and try again next time
-                log.exception("writing %d predictions failed; will retry", len(batch))
-                with self._lock:
-                    self._buffer = batch + self._buffer
-                    overflow = len(self._buffer) - self.max_pending
-                    if overflow > 0:
-                        del self._buffer[:overflow]
-                        metrics().prediction_log_dropped.inc(overflow)
+                written = self._write(batch)
+            except StoreUnavailableError:
+                self._set_store_ok(False)
+                log.warning("store unreachable; keeping %d predictions to retry", len(batch))
+                self._requeue(batch)
                 return 0
+            except Exception:  # noqa: BLE001 - unexpected: keep the records and retry
+                log.exception("writing %d predictions failed; will retry", len(batch))
+                self._requeue(batch)
+                return 0
+            self._set_store_ok(True)
+            return written
+
+    def _write(self, batch: list[PredictionRecord]) -> int:
+        """Insert ``batch``; if the store rejects it, bisect and quarantine the rows it refuses.
+
+        Raises :class:`StoreUnavailableError` when the store cannot be reached at all, so the
+        caller keeps the whole batch for later.
+        """
+        try:
+            self.store.insert_predictions(batch)
             return len(batch)
+        except RowsRejectedError as exc:
+            if len(batch) == 1:
+                self._quarantine(batch[0], exc)
+                return 0
+        middle = len(batch) // 2
+        return self._write(batch[:middle]) + self._write(batch[middle:])
+
+    def _quarantine(self, record: PredictionRecord, error: Exception) -> None:
+        log.error("the store refused prediction %s; quarantined: %s", record.id,
+                  str(error).splitlines()[0][:300])
+        metrics().prediction_log_quarantined.inc()
+        if self.quarantine_path is None:
+            return
+        entry = {
+            "id": record.id, "created_at": record.created_at,
+            "model_version": record.model_version, "text": record.text, "label": record.label,
+            "confidence": record.confidence, "error": str(error).splitlines()[0][:1000],
+            "quarantined_at": time.time(),
+        }
+        try:
+            self.quarantine_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.quarantine_path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(entry) + "\n")
+        except OSError:
+            log.exception("could not write the quarantine file %s", self.quarantine_path)
+
+    def _requeue(self, batch: list[PredictionRecord]) -> None:
+        with self._lock:
+            self._buffer = batch + self._buffer
+            overflow = len(self._buffer) - self.max_pending
+            if overflow > 0:
+                del self._buffer[:overflow]
+                metrics().prediction_log_dropped.inc(overflow)
 
     def close(self) -> None:
         self._stop.set()

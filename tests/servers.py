@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,3 +210,53 @@ class PrometheusProcess:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(timeout=30)
+
+
+@dataclass
+class PrivatePostgres:
+    """A PostgreSQL 15 cluster of the test's own, in a temporary folder on a free port.
+
+    Unlike the machine's shared cluster, it can be stopped and started mid-test (an outage)
+    without disturbing anyone else. Runs as the ``postgres`` user when the tests run as root.
+    """
+
+    folder: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="refit-pg-")))
+    """Its own folder under /tmp: pytest's temporary folders are closed to the postgres user."""
+    port: int = field(default_factory=free_port)
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        return subprocess.run([*as_postgres, *args], capture_output=True, text=True, check=check)
+
+    def init(self) -> PrivatePostgres | None:
+        """Create and start the cluster; None when PostgreSQL's binaries are not here."""
+        bins = Path("/usr/lib/postgresql/15/bin")
+        if not (bins / "initdb").exists():
+            return None
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(self.folder, "postgres", "postgres")
+        self._run(str(bins / "initdb"), "-D", str(self.folder / "data"), "-A", "trust", "-U",
+                  "postgres", "--no-sync")
+        self.start()
+        return self
+
+    def start(self) -> None:
+        self._run(
+            "/usr/lib/postgresql/15/bin/pg_ctl", "-D", str(self.folder / "data"), "-w", "-l",
+            str(self.folder / "postgres.log"), "-o",
+            f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "start",
+        )
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run("/usr/lib/postgresql/15/bin/pg_ctl", "-D", str(self.folder / "data"), "-m",
+                  mode, "-w", "stop", check=False)
+
+    def remove(self) -> None:
+        self.stop("immediate")
+        shutil.rmtree(self.folder, ignore_errors=True)

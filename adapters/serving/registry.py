@@ -132,7 +132,7 @@ class ModelRegistry:
         if not (path / MANIFEST).is_file():
             known = ", ".join(v.name for v in self.list_versions()[-10:]) or "none"
             raise VersionNotFoundError(
-                f"model version {version!r} is not in the registry at {self.root} "
+                f"model version {version!r} is not in the registry "
                 f"(known: {known})",
                 field="version",
             )
@@ -144,7 +144,7 @@ class ModelRegistry:
         except FileNotFoundError:
             return None
         except (json.JSONDecodeError, OSError) as exc:  # pragma: no cover - atomic writes
-            raise RegistryError(f"{self.pointer_path} is unreadable: {exc}") from exc
+            raise RegistryError(f"the registry pointer {POINTER} is unreadable ({type(exc).__name__})") from exc
         return Pointer(raw["version"], raw.get("previous"), raw.get("promoted_at", ""))
 
     def current(self) -> ModelVersion | None:

@@ -21,6 +21,7 @@ registered either way, with the decision and both scores in its manifest.
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import logging
 import os
@@ -409,6 +410,16 @@ def decide(
     }
 
 
+def failure_message(exc: BaseException) -> str:
+    """What the job record says about an unexpected failure: the cause, never a server path."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return ("the registry's disk is full (No space left on device): nothing was registered "
+                "and the serving version is unchanged; free space and retrain")
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{type(exc).__name__}: {exc.strerror} (errno {exc.errno})"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m adapters.training.retrain")
     parser.add_argument("job_id")
@@ -433,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("job %s failed: %s", job_id, exc.message)
         return 1
     except Exception as exc:  # noqa: BLE001 - recorded on the job, then the process exits
-        store.update_job(job_id, phase="failed", error=f"{type(exc).__name__}: {exc}")
+        store.update_job(job_id, phase="failed", error=failure_message(exc))
         log.error("job %s failed:\n%s", job_id, traceback.format_exc())
         return 1
     store.update_job(job_id, phase="done", result=result)
