@@ -20,9 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from adapters.serving.registry import ModelRegistry
-from adapters.serving.runtime import OnnxClassifier
+from adapters.serving.runtime import OnnxClassifier, release_freed_memory
 from monitoring.metrics import metrics
 from refit.errors import NotReadyError
+
+RELEASE_DELAY_S = 3.0
+"""After a swap, when to hand the old version's freed memory back to the system."""
 
 log = logging.getLogger("refit.predictor")
 
@@ -81,8 +84,8 @@ class ModelHolder:
         model = self._model
         if model is None:
             raise NotReadyError(
-                f"no model is loaded: the registry at {self.registry.root} has no current version "
-                "yet (train one with `refit train`)"
+                "no model is loaded: the registry has no current version yet "
+                "(train one with `refit train`)"
             )
         return model
 
@@ -164,11 +167,17 @@ class ModelHolder:
         if self.ort_threads == 1 and hasattr(os, "setpriority"):
             with contextlib.suppress(OSError):
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        release_at: float | None = None
         while not self._stop.wait(self.poll_interval_s):
             try:
-                self.sync()
+                if self.sync():
+                    # Batches still running on the old version hold it for at most a moment.
+                    release_at = time.monotonic() + RELEASE_DELAY_S
             except Exception:  # noqa: BLE001 - the watcher must outlive a bad poll
                 log.exception("model watcher poll failed")
+            if release_at is not None and time.monotonic() >= release_at:
+                release_at = None
+                release_freed_memory()
 
     def stop(self) -> None:
         self._stop.set()

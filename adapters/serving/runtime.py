@@ -6,6 +6,8 @@ what the service computes.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import time
 from collections.abc import Sequence
@@ -25,6 +27,21 @@ from adapters.serving.tokenization import (
 OUTPUTS = ["probabilities", "embedding"]
 # (texts, tokens) per warm-up run: the run sizes the length-aware planner produces.
 WARM_UP_SHAPES = ((1, 8), (1, 32), (4, 16), (8, 32), (16, 16), (4, 64), (2, 128))
+
+
+def release_freed_memory() -> None:
+    """Return memory freed by a dropped session to the operating system.
+
+    A session's weights and arena are freed into glibc's heap when the last reference goes, but
+    glibc keeps freed pages in its per-thread arenas; after a swap the worker's RSS stayed about
+    one model higher, for good (+40 MB per swap in the soak until it levelled off). ``gc`` first
+    frees anything only a reference cycle held, then ``malloc_trim`` releases the free pages.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 @dataclass(frozen=True)
