@@ -38,6 +38,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from refit.errors import ConflictError, NotFoundError
+from refit.jobs import TERMINAL_PHASES, Job, RetrainOptions
 
 metadata = MetaData()
 
@@ -84,9 +85,6 @@ retrain_jobs = Table(
     Column("error", Text, nullable=True),
 )
 
-TERMINAL_PHASES = ("done", "failed")
-
-
 @dataclass(frozen=True)
 class PredictionRecord:
     id: str
@@ -96,6 +94,15 @@ class PredictionRecord:
     label: str
     confidence: float
     embedding: bytes
+
+
+@dataclass(frozen=True)
+class FeedbackSubmission:
+    """One feedback item as a client gives it: a logged prediction's id or a text, and a label."""
+
+    prediction_id: str | None
+    text: str | None
+    label: str
 
 
 @dataclass(frozen=True)
@@ -291,7 +298,7 @@ class Store:
 
     # -- retrain jobs ------------------------------------------------------------------------
 
-    def create_job(self, job_id: str, options: dict[str, Any]) -> None:
+    def create_job(self, job_id: str, options: RetrainOptions) -> None:
         """Record a new running job; raises ConflictError naming the job already running."""
         now = time.time()
         try:
@@ -299,14 +306,14 @@ class Store:
                 conn.execute(
                     insert(retrain_jobs).values(
                         id=job_id, created_at=now, updated_at=now, phase="queued", running=1,
-                        options=json.dumps(options),
+                        options=json.dumps(options.to_dict()),
                     )
                 )
         except IntegrityError:
             running = self.running_job()
             raise ConflictError(
-                f"a retrain job is already running: {running['job_id'] if running else 'unknown'}",
-                running_job_id=running["job_id"] if running else None,
+                f"a retrain job is already running: {running.job_id if running else 'unknown'}",
+                running_job_id=running.job_id if running else None,
             ) from None
 
     def update_job(self, job_id: str, **fields: Any) -> None:
@@ -318,36 +325,36 @@ class Store:
         with self.engine.begin() as conn:
             conn.execute(update(retrain_jobs).where(retrain_jobs.c.id == job_id).values(**values))
 
-    def get_job(self, job_id: str) -> dict[str, Any]:
+    def get_job(self, job_id: str) -> Job:
         with self.engine.connect() as conn:
             row = conn.execute(select(retrain_jobs).where(retrain_jobs.c.id == job_id)).first()
         if row is None:
             raise NotFoundError(f"no retrain job {job_id!r}", field="job_id")
-        return _job_dict(row._asdict())
+        return _job(row._asdict())
 
-    def running_job(self) -> dict[str, Any] | None:
+    def running_job(self) -> Job | None:
         with self.engine.connect() as conn:
             row = conn.execute(select(retrain_jobs).where(retrain_jobs.c.running == 1)).first()
-        return None if row is None else _job_dict(row._asdict())
+        return None if row is None else _job(row._asdict())
 
-    def list_jobs(self, limit: int = 20) -> list[dict[str, Any]]:
+    def list_jobs(self, limit: int = 20) -> list[Job]:
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(retrain_jobs).order_by(retrain_jobs.c.created_at.desc()).limit(limit)
             ).all()
-        return [_job_dict(row._asdict()) for row in rows]
+        return [_job(row._asdict()) for row in rows]
 
 
-def _job_dict(row: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "job_id": row["id"],
-        "phase": row["phase"],
-        "created_at": row["created_at"],
-        "updated_at": row["updated_at"],
-        "pid": row["pid"],
-        "host": row["host"],
-        "options": json.loads(row["options"]),
-        "progress": json.loads(row["progress"]) if row["progress"] else None,
-        "result": json.loads(row["result"]) if row["result"] else None,
-        "error": row["error"],
-    }
+def _job(row: dict[str, Any]) -> Job:
+    return Job(
+        job_id=row["id"],
+        phase=row["phase"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        pid=row["pid"],
+        host=row["host"],
+        options=RetrainOptions.from_dict(json.loads(row["options"])),
+        progress=json.loads(row["progress"]) if row["progress"] else None,
+        result=json.loads(row["result"]) if row["result"] else None,
+        error=row["error"],
+    )

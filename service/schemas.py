@@ -1,19 +1,29 @@
-"""Wire types of the HTTP API (pydantic). They stay in ``service/``; the core never sees them.
+"""Wire types of the HTTP API (pydantic), both ways. They stay in ``service/``; the core never
+sees them.
 
 Requests forbid unknown fields, so a typo is a 422 naming the field rather than silently ignored.
 Limits that depend on settings (text length, batch size) are checked by the data plane, which
-knows the settings, with the same error shape.
+knows the settings, with the same error shape. Responses are built from the data plane's domain
+objects by the ``from_...`` constructors here; ``/openapi.json`` is generated from these classes.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
+
+from adapters.serving.registry import ModelVersion, Pointer
+from refit.jobs import Job, RetrainOptions
+from refit.store import FeedbackSubmission
+from service.dataplane import ModelsOverview, PredictionBatch
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+
+
+# -- predict ---------------------------------------------------------------------------------------
 
 
 class PredictRequest(_Request):
@@ -21,15 +31,31 @@ class PredictRequest(_Request):
 
 
 class Prediction(BaseModel):
-    prediction_id: str
+    prediction_id: str = Field(description="Give it back with feedback on this prediction.")
     label: str
-    confidence: float
-    scores: dict[str, float]
+    confidence: float = Field(description="The probability of `label`.")
+    scores: dict[str, float] = Field(description="Probability of every label the model knows.")
 
 
 class PredictResponse(BaseModel):
-    model_version: str
-    predictions: list[Prediction]
+    model_version: str = Field(description="The version that made every prediction here.")
+    predictions: list[Prediction] = Field(description="One per text, in the request's order.")
+
+    @classmethod
+    def from_batch(cls, batch: PredictionBatch) -> PredictResponse:
+        return cls.model_construct(
+            model_version=batch.model_version,
+            predictions=[
+                Prediction.model_construct(
+                    prediction_id=p.prediction_id, label=p.label, confidence=p.confidence,
+                    scores=p.scores,
+                )
+                for p in batch.predictions
+            ],
+        )
+
+
+# -- feedback --------------------------------------------------------------------------------------
 
 
 class FeedbackItem(_Request):
@@ -47,23 +73,222 @@ class FeedbackItem(_Request):
             raise ValueError("'label' must not be blank")
         return self
 
+    def to_submission(self) -> FeedbackSubmission:
+        return FeedbackSubmission(prediction_id=self.prediction_id, text=self.text, label=self.label)
+
 
 class FeedbackRequest(_Request):
     items: list[FeedbackItem] = Field(min_length=1, max_length=1000)
 
 
 class FeedbackResponse(BaseModel):
-    accepted: int
-    feedback_ids: list[int]
+    accepted: int = Field(description="Items stored (all of them: feedback is all or nothing).")
+    feedback_ids: list[int] = Field(description="Ids of the stored items, in the request's order.")
+
+
+# -- models ----------------------------------------------------------------------------------------
+
+
+class SplitMetrics(BaseModel):
+    accuracy: float
+    macro_f1: float
+    examples: int
+
+
+class VersionInfo(BaseModel):
+    version: str
+    parent: str | None = Field(description="The version it was retrained from, if any.")
+    created_at: str | None
+    labels: list[str]
+    metrics: dict[str, SplitMetrics] = Field(description="Scores on `validation` and `test`.")
+    gate: dict[str, Any] | None = Field(description="The promotion gate's decision, if retrained.")
+    current: bool = Field(description="Whether the registry's pointer names this version.")
+
+    @classmethod
+    def from_version(cls, version: ModelVersion, current: bool) -> VersionInfo:
+        m = version.manifest
+        return cls(
+            version=version.name,
+            parent=m.get("parent"),
+            created_at=m.get("created_at"),
+            labels=list(m.get("labels", [])),
+            metrics={
+                split: SplitMetrics(
+                    accuracy=m["metrics"][split]["accuracy"],
+                    macro_f1=m["metrics"][split]["macro_f1"],
+                    examples=m["metrics"][split]["examples"],
+                )
+                for split in ("validation", "test")
+                if split in m.get("metrics", {})
+            },
+            gate=m.get("gate"),
+            current=current,
+        )
+
+
+class ServingInfo(BaseModel):
+    """What the worker that answered serves (each worker follows the pointer on its own)."""
+
+    version: str | None
+    worker_pid: int
+    host: str
+    loaded_at: float | None = Field(description="Unix time the version was loaded.")
+    last_swap_error: str | None = Field(description="Why the last swap failed, if it did.")
+
+
+class ModelsResponse(BaseModel):
+    current: str | None = Field(description="The version the registry's pointer names.")
+    serving: ServingInfo
+    versions: list[VersionInfo]
+
+    @classmethod
+    def from_overview(cls, overview: ModelsOverview) -> ModelsResponse:
+        current = overview.pointer.version if overview.pointer else None
+        serving = overview.serving
+        return cls(
+            current=current,
+            serving=ServingInfo(
+                version=serving.version, worker_pid=serving.worker_pid, host=serving.host,
+                loaded_at=serving.loaded_at, last_swap_error=serving.last_swap_error,
+            ),
+            versions=[VersionInfo.from_version(v, v.name == current) for v in overview.versions],
+        )
 
 
 class PromoteRequest(_Request):
     version: StrictStr = Field(min_length=1, max_length=32)
 
 
+class PromoteResponse(BaseModel):
+    current: str
+    previous: str | None
+    promoted_at: str
+    note: str
+
+    @classmethod
+    def from_pointer(cls, pointer: Pointer, poll_interval_s: float) -> PromoteResponse:
+        return cls(
+            current=pointer.version,
+            previous=pointer.previous,
+            promoted_at=pointer.promoted_at,
+            note=f"every worker switches within about {poll_interval_s:g}s plus the load time",
+        )
+
+
+# -- retraining ------------------------------------------------------------------------------------
+
+
 class RetrainRequest(_Request):
-    unfreeze_layers: int = Field(0, ge=0, le=6)
+    unfreeze_layers: int = Field(0, ge=0, le=6, description="Top encoder layers to fine-tune.")
     search: Literal["none", "grid"] = "none"
-    min_feedback: int | None = Field(None, ge=1)
-    force: bool = False
+    min_feedback: int | None = Field(
+        None, ge=1, description="Feedback items needed; default REFIT_RETRAIN_MIN_FEEDBACK."
+    )
+    force: bool = Field(False, description="Promote even if the gate rejects the challenger.")
     seed: int = 0
+
+    def to_options(self, default_min_feedback: int) -> RetrainOptions:
+        return RetrainOptions(
+            unfreeze_layers=self.unfreeze_layers,
+            search=self.search,
+            min_feedback=self.min_feedback or default_min_feedback,
+            force=self.force,
+            seed=self.seed,
+        )
+
+
+class RetrainOptionsInfo(BaseModel):
+    unfreeze_layers: int
+    search: str
+    min_feedback: int
+    force: bool
+    seed: int
+
+
+class RetrainJob(BaseModel):
+    job_id: str
+    phase: Literal[
+        "queued", "collecting", "training", "exporting", "evaluating", "promoting", "done",
+        "failed",
+    ]
+    created_at: float
+    updated_at: float
+    pid: int | None
+    host: str | None
+    options: RetrainOptionsInfo
+    progress: dict[str, Any] | None = Field(description="Step, epoch and scores while it runs.")
+    result: dict[str, Any] | None = Field(
+        description="Once done: version, outcome (promoted/rejected), reason, scores."
+    )
+    error: str | None
+
+    @classmethod
+    def from_job(cls, job: Job) -> RetrainJob:
+        return cls.model_validate(
+            {
+                "job_id": job.job_id, "phase": job.phase, "created_at": job.created_at,
+                "updated_at": job.updated_at, "pid": job.pid, "host": job.host,
+                "options": job.options.to_dict(), "progress": job.progress, "result": job.result,
+                "error": job.error,
+            }
+        )
+
+
+class RetrainJobList(BaseModel):
+    jobs: list[RetrainJob] = Field(description="The most recent jobs, newest first.")
+
+
+# -- drift -----------------------------------------------------------------------------------------
+
+
+class DriftSignal(BaseModel):
+    method: str
+    score: float
+    threshold: float
+    drifted: bool
+    details: dict[str, Any] = {}
+
+
+class DriftResponse(BaseModel):
+    """The drift job's latest result; ``status`` is ``pending`` before its first run."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: str = Field(description="ok, insufficient_data, no_model or pending")
+    message: str = ""
+    model_version: str | None = None
+    reference_version: str | None = None
+    window: dict[str, Any] | None = None
+    signals: dict[str, DriftSignal] | None = None
+    drift_detected: bool | None = None
+    computed_at: float | None = None
+    seconds: float | None = None
+
+
+# -- errors and index ------------------------------------------------------------------------------
+
+
+class FieldProblem(BaseModel):
+    field: str
+    problem: str
+
+
+class ErrorResponse(BaseModel):
+    """Every error: a message, the field at fault if any, and details of the failure."""
+
+    model_config = ConfigDict(extra="allow")
+
+    error: str
+    field: str | None = Field(None, description="The field at fault, e.g. `items[0].label`.")
+    errors: list[FieldProblem] | None = Field(None, description="Every problem found (422).")
+    prediction_id: str | None = Field(None, description="404: the unknown prediction id.")
+    running_job_id: str | None = Field(None, description="409: the job already running.")
+    feedback_items: int | None = Field(None, description="409: feedback items stored so far.")
+    min_feedback: int | None = Field(None, description="409: feedback items a retrain needs.")
+
+
+class IndexResponse(BaseModel):
+    service: str
+    docs: str = Field(description="Interactive API documentation (Swagger UI).")
+    openapi: str = Field(description="The OpenAPI 3.1 document.")
+    endpoints: dict[str, str]
