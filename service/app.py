@@ -58,14 +58,19 @@ from service.openapi import Operation, Parameter, openapi_document
 from service.schemas import (
     DriftResponse,
     ErrorResponse,
+    FeedbackEntryInfo,
+    FeedbackList,
+    FeedbackListQuery,
     FeedbackRequest,
     FeedbackResponse,
     IndexResponse,
+    LabelsResponse,
     ModelsResponse,
     PredictRequest,
     PredictResponse,
     PromoteRequest,
     PromoteResponse,
+    RelabelRequest,
     RetrainJob,
     RetrainJobList,
     RetrainRequest,
@@ -174,13 +179,36 @@ async def read_json(request: Request, model: type[Model], limit: int) -> Model:
         errors = exc.errors(include_url=False, include_input=False, include_context=False)
         if any(e["type"] == "json_invalid" for e in errors):
             raise BadRequestError(f"body is not valid JSON: {errors[0]['msg']}", field="body") from None
-        problems = [
-            {"field": _field_path(tuple(e["loc"])), "problem": _problem(e)} for e in errors[:20]
-        ]
-        first = problems[0]
-        raise InvalidInputError(
-            f"{first['field']}: {first['problem']}", field=first["field"], errors=problems
+        raise invalid_input(errors) from None
+
+
+def read_query(request: Request, model: type[Model]) -> Model:
+    """Parse the query string as ``model``: 422 naming the parameter for anything it rejects."""
+    try:
+        return model.model_validate(dict(request.query_params))
+    except ValidationError as exc:
+        raise invalid_input(
+            exc.errors(include_url=False, include_input=False, include_context=False)
         ) from None
+
+
+def path_id(request: Request, name: str) -> int:
+    """A positive integer path parameter; 422 naming it otherwise."""
+    value = request.path_params[name]
+    if not value.isdigit() or int(value) < 1 or len(value) > 18:
+        raise InvalidInputError(f"{name} must be a positive integer, got {value!r}", field=name)
+    return int(value)
+
+
+def invalid_input(errors: list[Any]) -> InvalidInputError:
+    """A 422 naming the first field at fault and listing every problem (up to 20)."""
+    problems = [
+        {"field": _field_path(tuple(e["loc"])), "problem": _problem(e)} for e in errors[:20]
+    ]
+    first = problems[0]
+    return InvalidInputError(
+        f"{first['field']}: {first['problem']}", field=first["field"], errors=problems
+    )
 
 
 class ConnectionRotation:
@@ -224,9 +252,24 @@ class Api:
     async def feedback(self, request: Request) -> Response:
         body = await self.body(request, FeedbackRequest)
         receipt = await self.plane.feedback([item.to_submission() for item in body.items])
-        return json_response(
-            FeedbackResponse(accepted=len(receipt.feedback_ids), feedback_ids=receipt.feedback_ids)
-        )
+        return json_response(FeedbackResponse.from_receipt(receipt))
+
+    async def list_feedback(self, request: Request) -> Response:
+        query = read_query(request, FeedbackListQuery)
+        return json_response(FeedbackList.from_page(await self.plane.list_feedback(query.to_query())))
+
+    async def relabel_feedback(self, request: Request) -> Response:
+        feedback_id = path_id(request, "feedback_id")
+        body = await self.body(request, RelabelRequest)
+        entry = await self.plane.relabel_feedback(feedback_id, body.label)
+        return json_response(FeedbackEntryInfo.from_entry(entry))
+
+    async def delete_feedback(self, request: Request) -> Response:
+        await self.plane.delete_feedback(path_id(request, "feedback_id"))
+        return Response(status_code=204)
+
+    async def labels(self, request: Request) -> Response:
+        return json_response(LabelsResponse.from_overview(await self.plane.labels()))
 
     async def models(self, request: Request) -> Response:
         return json_response(ModelsResponse.from_overview(self.plane.models()))
@@ -295,7 +338,12 @@ def operations(api: Api | None) -> list[Operation]:
         return getattr(api, name) if api is not None else None
 
     not_ready = {503: "No model is loaded yet."}
-    job_id = Parameter("job_id", "path", {"type": "string", "maxLength": 64}, "A retrain job's id.")
+    job_id = Parameter("job_id", "path", {"type": "string", "maxLength": 64}, "A retrain job's id.",
+                       example="job-20261123-180000-a1b2c3")
+    feedback_id = Parameter(
+        "feedback_id", "path", {"type": "integer", "minimum": 1}, "A feedback item's id.",
+        example=1,
+    )
     return [
         Operation("POST", "/predict", "predict", "Classify texts", h("predict"),
                   PredictRequest, PredictResponse, errors=not_ready,
@@ -306,6 +354,22 @@ def operations(api: Api | None) -> list[Operation]:
                   errors={404: "An unknown `prediction_id` (never issued or past retention)."},
                   example={"items": [{"text": "do you deliver to Norway?",
                                       "label": "shipping_question"}]}),
+        Operation("GET", "/feedback", "list_feedback",
+                  "List feedback, newest first, with filters and pagination", h("list_feedback"),
+                  response=FeedbackList, query=FeedbackListQuery, tag="feedback",
+                  errors={422: "A query parameter is invalid; `field` names it."}),
+        Operation("PATCH", "/feedback/{feedback_id}", "relabel_feedback",
+                  "Give a feedback item another label", h("relabel_feedback"),
+                  RelabelRequest, FeedbackEntryInfo, admin=True, tag="feedback",
+                  parameters=(feedback_id,), errors={404: "No such feedback item."},
+                  example={"label": "shipping_question"}),
+        Operation("DELETE", "/feedback/{feedback_id}", "delete_feedback",
+                  "Delete a feedback item", h("delete_feedback"), status=204, admin=True,
+                  tag="feedback", parameters=(feedback_id,),
+                  errors={404: "No such feedback item.", 422: "`feedback_id` is not an id."}),
+        Operation("GET", "/labels", "labels",
+                  "Per label: status (active or pending), training examples, feedback, recall",
+                  h("labels"), response=LabelsResponse, tag="feedback"),
         Operation("GET", "/models", "models",
                   "Versions, their metrics, and what this worker serves", h("models"),
                   response=ModelsResponse, tag="models"),

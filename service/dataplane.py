@@ -14,20 +14,30 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from adapters.serving.data import read_jsonl
+from adapters.serving.labels import LabelStatus, label_statuses
 from adapters.serving.registry import ModelRegistry, ModelVersion, Pointer
 from monitoring.drift_job import drift_dir
 from monitoring.metrics import metrics
 from refit.errors import InvalidInputError, NotFoundError
 from refit.jobs import Job, RetrainOptions
 from refit.settings import RefitSettings
-from refit.store import FeedbackRecord, FeedbackSubmission, PredictionRecord, Store
+from refit.store import (
+    FeedbackEntry,
+    FeedbackQuery,
+    FeedbackRecord,
+    FeedbackSubmission,
+    PredictionRecord,
+    ReplacedFeedback,
+    Store,
+)
 from service.batching import AdaptiveBatcher
 from service.jobs import RetrainJobs
 from service.prediction_log import PredictionLog
@@ -67,6 +77,32 @@ class PredictionBatch:
 @dataclass(frozen=True)
 class FeedbackReceipt:
     feedback_ids: list[int]
+    replaced: list[ReplacedFeedback]
+
+
+@dataclass(frozen=True)
+class FeedbackPage:
+    items: list[FeedbackEntry]
+    next_cursor: int | None
+    """Pass as ``before_id`` for the next page; ``None`` on the last page."""
+
+
+@dataclass(frozen=True)
+class LabelReport:
+    """One label: its status, its evidence, and its recall as feedback shows it."""
+
+    status: LabelStatus
+    feedback_on_predictions: int
+    recall: float | None
+    """Share of feedback items on logged predictions with this true label that the model
+    predicted right; ``None`` without such feedback."""
+
+
+@dataclass(frozen=True)
+class LabelsOverview:
+    serving_version: str | None
+    min_examples: int
+    labels: list[LabelReport]
 
 
 @dataclass(frozen=True)
@@ -263,14 +299,50 @@ class DataPlane:
                 )
             elif item.text is not None:
                 records.append(FeedbackRecord(prediction_id=None, text=item.text, label=label))
-        ids = self.store.insert_feedback(records)
+        inserted = self.store.insert_feedback(records)
         m = metrics()
         by_id = len(wanted)
         if by_id:
             m.feedback.labels(source="prediction_id").inc(by_id)
         if len(items) - by_id:
             m.feedback.labels(source="text").inc(len(items) - by_id)
-        return FeedbackReceipt(ids)
+        return FeedbackReceipt(inserted.ids, inserted.replaced)
+
+    async def list_feedback(self, query: FeedbackQuery) -> FeedbackPage:
+        """One page of feedback, newest first."""
+        wanted = replace(query, limit=query.limit + 1)  # one more tells whether a page follows
+        entries = await asyncio.to_thread(self.store.list_feedback, wanted)
+        more = len(entries) > query.limit
+        entries = entries[: query.limit]
+        return FeedbackPage(entries, entries[-1].id if more and entries else None)
+
+    async def relabel_feedback(self, feedback_id: int, label: str) -> FeedbackEntry:
+        if not label.strip():
+            raise InvalidInputError("'label' must not be blank", field="label")
+        return await asyncio.to_thread(self.store.relabel_feedback, feedback_id, label.strip())
+
+    async def delete_feedback(self, feedback_id: int) -> None:
+        await asyncio.to_thread(self.store.delete_feedback, feedback_id)
+
+    async def labels(self) -> LabelsOverview:
+        return await asyncio.to_thread(self._labels_blocking)
+
+    def _labels_blocking(self) -> LabelsOverview:
+        version = self.registry.current()
+        model_labels = version.labels if version is not None else []
+        training = training_label_counts(version) if version is not None else {}
+        stats = self.store.feedback_label_stats()
+        min_examples = self.settings.label_min_examples
+        statuses = label_statuses(
+            model_labels, training, {label: s.items for label, s in stats.items()}, min_examples
+        )
+        reports = []
+        for status in statuses:
+            stat = stats.get(status.label)
+            on = stat.on_predictions if stat else 0
+            recall = stat.predicted_right / on if stat and on else None
+            reports.append(LabelReport(status, on, recall))
+        return LabelsOverview(version.name if version else None, min_examples, reports)
 
     def _find_predictions(self, ids: list[str]) -> dict[str, PredictionRecord]:
         """Logged predictions by id, waiting briefly for ones other workers have yet to flush."""
@@ -376,3 +448,17 @@ def _encoder_id_of(registry: ModelRegistry, version: str) -> str | None:
     except Exception:  # noqa: BLE001 - a version deleted by hand: no reusable embedding
         return None
     return encoder.get("id", encoder.get("sha256"))
+
+
+def training_label_counts(version: ModelVersion) -> dict[str, int]:
+    """Examples per label in a version's training split (``data/train.jsonl``)."""
+    return dict(_training_label_counts(version.path))
+
+
+@lru_cache(maxsize=8)
+def _training_label_counts(path: Path) -> tuple[tuple[str, int], ...]:
+    # Versions are immutable, so the counts of a folder never change.
+    train = path / "data" / "train.jsonl"
+    if not train.exists():
+        return ()
+    return tuple(sorted(read_jsonl(train).label_counts().items()))

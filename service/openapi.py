@@ -44,6 +44,7 @@ class Parameter:
     schema: dict[str, Any]
     description: str = ""
     required: bool = False
+    example: Any = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,8 @@ class Operation:
     example: dict[str, Any] | None = None
     """A request body the running service accepts (tests send every one)."""
     parameters: tuple[Parameter, ...] = ()
+    query: type[BaseModel] | None = None
+    """Query parameters, as a wire type: one parameter per field."""
     tag: str = "service"
 
 
@@ -75,6 +78,21 @@ def _response(description: str, media_type: str, schema: dict[str, Any]) -> dict
 
 def _ref(model: type[BaseModel]) -> dict[str, Any]:
     return {"$ref": REF_TEMPLATE.format(model=model.__name__)}
+
+
+def query_parameters(model: type[BaseModel]) -> list[Parameter]:
+    """One query parameter per field of ``model``, with the field's JSON schema."""
+    schema = model.model_json_schema(ref_template=REF_TEMPLATE)
+    required = set(schema.get("required", []))
+    parameters = []
+    for name, field_schema in schema["properties"].items():
+        field_schema = dict(field_schema)
+        description = field_schema.pop("description", "")
+        field_schema.pop("title", None)
+        parameters.append(
+            Parameter(name, "query", field_schema, description, required=name in required)
+        )
+    return parameters
 
 
 def openapi_document(
@@ -102,13 +120,17 @@ def openapi_document(
             "summary": op.summary,
             "tags": [op.tag],
         }
-        if op.parameters:
+        parameters = list(op.parameters)
+        if op.query is not None:
+            parameters += query_parameters(op.query)
+        if parameters:
             entry["parameters"] = [
                 {
                     "name": p.name, "in": p.location, "required": p.required or p.location == "path",
                     "schema": p.schema, **({"description": p.description} if p.description else {}),
+                    **({"example": p.example} if p.example is not None else {}),
                 }
-                for p in op.parameters
+                for p in parameters
             ]
         if op.request is not None:
             media: dict[str, Any] = {"schema": ref_of(op.request, "validation")}
@@ -116,7 +138,9 @@ def openapi_document(
                 media["examples"] = {"example": {"value": op.example}}
             entry["requestBody"] = {"required": True, "content": {"application/json": media}}
         ok_description = HTTPStatus(op.status).phrase
-        if op.response is not None:
+        if op.status == HTTPStatus.NO_CONTENT:
+            ok = {"description": ok_description}
+        elif op.response is not None:
             ok = _response(ok_description, op.response_media_type,
                            ref_of(op.response, "serialization"))
         else:

@@ -9,14 +9,21 @@ objects by the ``from_...`` constructors here; ``/openapi.json`` is generated fr
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator, model_validator
 
 from adapters.serving.registry import ModelVersion, Pointer
 from refit.jobs import Job, RetrainOptions
-from refit.store import FeedbackSubmission
-from service.dataplane import ModelsOverview, PredictionBatch
+from refit.store import FeedbackEntry, FeedbackQuery, FeedbackSubmission
+from service.dataplane import (
+    FeedbackPage,
+    FeedbackReceipt,
+    LabelsOverview,
+    ModelsOverview,
+    PredictionBatch,
+)
 
 
 class _Request(BaseModel):
@@ -81,9 +88,147 @@ class FeedbackRequest(_Request):
     items: list[FeedbackItem] = Field(min_length=1, max_length=1000)
 
 
+class ReplacedItem(BaseModel):
+    prediction_id: str
+    previous_label: str
+    feedback_id: int = Field(description="The id of the replaced (now deleted) item.")
+
+
 class FeedbackResponse(BaseModel):
     accepted: int = Field(description="Items stored (all of them: feedback is all or nothing).")
     feedback_ids: list[int] = Field(description="Ids of the stored items, in the request's order.")
+    replaced: list[ReplacedItem] = Field(
+        description="Earlier labels for the same predictions, replaced: the latest label wins."
+    )
+
+    @classmethod
+    def from_receipt(cls, receipt: FeedbackReceipt) -> FeedbackResponse:
+        return cls(
+            accepted=len(receipt.feedback_ids),
+            feedback_ids=receipt.feedback_ids,
+            replaced=[
+                ReplacedItem(prediction_id=r.prediction_id, previous_label=r.previous_label,
+                             feedback_id=r.feedback_id)
+                for r in receipt.replaced
+            ],
+        )
+
+
+class FeedbackListQuery(_Request):
+    """Query parameters of ``GET /feedback``."""
+
+    label: StrictStr | None = Field(None, min_length=1, max_length=200,
+                                    description="Only items with this label.")
+    since: str | None = Field(
+        None, max_length=40,
+        description="Only items given at or after this time: unix seconds or ISO 8601.",
+        examples=["1763900000", "2026-11-23T18:00:00+00:00"],
+    )
+    source: Literal["prediction_id", "text"] | None = Field(
+        None, description="Only items given by prediction id, or only by text."
+    )
+    limit: int = Field(100, ge=1, le=1000, description="Items per page.")
+    cursor: int | None = Field(
+        None, ge=1, description="`next_cursor` of the previous page (items older than it)."
+    )
+
+    @field_validator("since")
+    @classmethod
+    def _time(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_time(value)
+        return value
+
+    def to_query(self) -> FeedbackQuery:
+        return FeedbackQuery(
+            label=self.label, since=parse_time(self.since) if self.since else None,
+            source=self.source, limit=self.limit, before_id=self.cursor,
+        )
+
+
+def parse_time(value: str) -> float:
+    """Unix seconds, or an ISO 8601 time (UTC unless it says otherwise)."""
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError("must be unix seconds or an ISO 8601 time") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
+class FeedbackEntryInfo(BaseModel):
+    id: int
+    created_at: float = Field(description="Unix time it was given.")
+    source: Literal["prediction_id", "text"]
+    prediction_id: str | None
+    text: str
+    label: str
+    predicted_label: str | None = Field(description="What the model said, for a prediction.")
+    model_version: str | None
+
+    @classmethod
+    def from_entry(cls, entry: FeedbackEntry) -> FeedbackEntryInfo:
+        return cls(
+            id=entry.id, created_at=entry.created_at,
+            source="text" if entry.prediction_id is None else "prediction_id",
+            prediction_id=entry.prediction_id, text=entry.text, label=entry.label,
+            predicted_label=entry.predicted_label, model_version=entry.model_version,
+        )
+
+
+class FeedbackList(BaseModel):
+    items: list[FeedbackEntryInfo] = Field(description="Newest first.")
+    next_cursor: int | None = Field(description="Pass as `cursor` for the next page; null at the end.")
+
+    @classmethod
+    def from_page(cls, page: FeedbackPage) -> FeedbackList:
+        return cls(
+            items=[FeedbackEntryInfo.from_entry(entry) for entry in page.items],
+            next_cursor=page.next_cursor,
+        )
+
+
+class RelabelRequest(_Request):
+    label: StrictStr = Field(min_length=1, max_length=200)
+
+
+class LabelInfo(BaseModel):
+    label: str
+    status: Literal["active", "pending"]
+    reason: str
+    training_examples: int = Field(description="Examples in the serving version's training split.")
+    feedback_count: int
+    feedback_on_predictions: int = Field(description="Feedback items on logged predictions.")
+    recall: float | None = Field(
+        description="Share of those the model predicted right; null without such feedback."
+    )
+
+
+class LabelsResponse(BaseModel):
+    serving_version: str | None
+    min_examples: int = Field(description="REFIT_LABEL_MIN_EXAMPLES.")
+    labels: list[LabelInfo]
+
+    @classmethod
+    def from_overview(cls, overview: LabelsOverview) -> LabelsResponse:
+        return cls(
+            serving_version=overview.serving_version,
+            min_examples=overview.min_examples,
+            labels=[
+                LabelInfo(
+                    label=r.status.label, status=r.status.status, reason=r.status.reason,
+                    training_examples=r.status.training_examples,
+                    feedback_count=r.status.feedback_count,
+                    feedback_on_predictions=r.feedback_on_predictions, recall=r.recall,
+                )
+                for r in overview.labels
+            ],
+        )
 
 
 # -- models ----------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ Built in milliseconds, nothing downloaded, no torch.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,6 +25,7 @@ from adapters.serving.registry import ModelRegistry, ModelVersion
 EMBEDDING_DIM = 384
 TABLE_ROWS = 257
 TOY_LABELS = ("billing", "delivery", "refund")
+TRAIN_EXAMPLES_PER_LABEL = 4
 
 
 def tokenizer_file() -> Path:
@@ -87,7 +89,8 @@ def toy_manifest(labels: Sequence[str], **extra: Any) -> dict[str, Any]:
         "parent": None,
         "encoder": {"id": "toy-encoder", "sha256": "toy", "max_seq_length": 64},
         "metrics": {"validation": dict(scores), "test": dict(scores)},
-        "data": {"train": {label: 4 for label in labels}},
+        "data": {"source": "toy", "train": {"rows": TRAIN_EXAMPLES_PER_LABEL * len(labels),
+                                            "labels": len(labels)}},
         **extra,
     }
 
@@ -100,9 +103,12 @@ def write_toy_version(
     with registry.stage() as staged:
         onnx.save(toy_graph(labels, seed), str(staged.path / "model.onnx"))
         shutil.copyfile(tokenizer_file(), staged.path / "tokenizer.json")
-        (staged.path / "labels.json").write_text(
-            "[" + ", ".join(f'"{label}"' for label in labels) + "]\n"
-        )
+        (staged.path / "labels.json").write_text(json.dumps(list(labels)) + "\n")
+        (staged.path / "data").mkdir()
+        (staged.path / "data" / "train.jsonl").write_text("".join(
+            json.dumps({"text": f"{label} example {i}", "label": label}) + "\n"
+            for label in labels for i in range(TRAIN_EXAMPLES_PER_LABEL)
+        ))
         version = registry.commit(staged, toy_manifest(labels))
     if promote:
         registry.promote(version.name)

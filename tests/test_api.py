@@ -13,7 +13,7 @@ from service.schemas import (
     PredictResponse,
     RetrainJobList,
 )
-from tests.fixtures import TOY_LABELS
+from tests.fixtures import TOY_LABELS, TRAIN_EXAMPLES_PER_LABEL
 
 
 def test_predict_answers_in_order_with_the_documented_shape(api):
@@ -124,10 +124,19 @@ def test_admin_endpoints_carry_the_bearer_scheme():
     }
     assert secured == {
         ("POST", "/retrain"), ("GET", "/retrain"), ("GET", "/retrain/{job_id}"),
-        ("POST", "/models/promote"),
+        ("POST", "/models/promote"), ("PATCH", "/feedback/{feedback_id}"),
+        ("DELETE", "/feedback/{feedback_id}"),
     }
     for method, path in secured:
         assert "401" in document["paths"][path][method.lower()]["responses"]
+
+
+def with_examples(path: str, entry: dict) -> str:
+    """``path`` with each path parameter replaced by its documented example."""
+    for parameter in entry.get("parameters", []):
+        if parameter["in"] == "path":
+            path = path.replace("{" + parameter["name"] + "}", str(parameter["example"]))
+    return path
 
 
 def test_every_documented_example_is_accepted(api):
@@ -139,7 +148,7 @@ def test_every_documented_example_is_accepted(api):
             if body is None:
                 continue
             example = body["content"]["application/json"]["examples"]["example"]["value"]
-            response = api.request(method.upper(), path, json=example)
+            response = api.request(method.upper(), with_examples(path, entry), json=example)
             documented = {int(code) for code in entry["responses"]}
             assert response.status_code < 300 or (
                 response.status_code in documented and response.status_code not in (400, 422)
@@ -161,3 +170,33 @@ def test_index_lists_every_endpoint(api):
     body = api.get("/").json()
     assert body["docs"] == "/docs"
     assert {"POST /predict", "GET /openapi.json", "GET /docs"} <= set(body["endpoints"])
+
+
+def test_labels_combine_training_data_feedback_and_recall(api, plane_settings):
+    predictions = api.post("/predict", json={"texts": [f"recall probe {i}" for i in range(4)]}).json()[
+        "predictions"
+    ]
+    api.post("/feedback", json={"items": [
+        {"prediction_id": p["prediction_id"], "label": "refund"} for p in predictions
+    ] + [{"text": "one-off", "label": "rare_label"}]})
+    body = api.get("/labels").json()
+    rows = {row["label"]: row for row in body["labels"]}
+    assert body["min_examples"] == plane_settings.label_min_examples == 5
+    assert rows["billing"]["training_examples"] == TRAIN_EXAMPLES_PER_LABEL
+    assert rows["rare_label"]["status"] == "pending" and rows["rare_label"]["training_examples"] == 0
+    right = sum(p["label"] == "refund" for p in predictions)
+    assert rows["refund"]["feedback_on_predictions"] == 4
+    assert rows["refund"]["recall"] == pytest.approx(right / 4)
+
+
+def test_feedback_pages_cover_everything_once(api):
+    api.post("/feedback", json={"items": [{"text": f"paged {i}", "label": "paged"} for i in range(7)]})
+    seen, cursor = [], None
+    while True:
+        page = api.get("/feedback", params={"label": "paged", "limit": 3,
+                                            **({"cursor": cursor} if cursor else {})}).json()
+        seen += [item["text"] for item in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == [f"paged {i}" for i in range(6, -1, -1)]

@@ -41,7 +41,7 @@ def test_feedback_insert_is_one_transaction(store):
     with pytest.raises(Exception):
         store.insert_feedback([good, FeedbackRecord(None, None, "broken")])  # type: ignore[arg-type]
     assert store.count_feedback() == 0
-    assert len(store.insert_feedback([good, good])) == 2
+    assert len(store.insert_feedback([good, good]).ids) == 2
 
 
 def test_only_one_job_runs_at_a_time(store):
