@@ -310,7 +310,8 @@ class Store:
                         ]
                 result = conn.execute(insert(feedback).values(created_at=now, **item.__dict__))
                 ids.append(int(result.inserted_primary_key[0]))
-        # An id replaced within this request is no longer stored: report it only as replaced.
+        # ``ids`` stays aligned with ``items``: an item a later one in the same call replaced
+        # keeps its (now deleted) id there, and is listed in ``replaced`` too.
         return FeedbackInsert(ids, replaced)
 
     def list_feedback(self, query: FeedbackQuery) -> list[FeedbackEntry]:

@@ -178,7 +178,9 @@ async def read_json(request: Request, model: type[Model], limit: int) -> Model:
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_input=False, include_context=False)
         if any(e["type"] == "json_invalid" for e in errors):
-            raise BadRequestError(f"body is not valid JSON: {errors[0]['msg']}", field="body") from None
+            raise BadRequestError(
+                f"body is not valid JSON: {errors[0]['msg']}", field="body"
+            ) from None
         raise invalid_input(errors) from None
 
 
@@ -256,7 +258,8 @@ class Api:
 
     async def list_feedback(self, request: Request) -> Response:
         query = read_query(request, FeedbackListQuery)
-        return json_response(FeedbackList.from_page(await self.plane.list_feedback(query.to_query())))
+        page = await self.plane.list_feedback(query.to_query())
+        return json_response(FeedbackList.from_page(page))
 
     async def relabel_feedback(self, request: Request) -> Response:
         feedback_id = path_id(request, "feedback_id")
@@ -549,7 +552,8 @@ class RefitService:
         await plane.start()
         self.plane = plane
         # The LateApp mounted by the decorator, as the service object recorded it.
-        for mounted, _path, _name in RefitService.mount_apps:
+        # (bentoml.service turns the class into a Service; its type hints keep the class.)
+        for mounted, _path, _name in RefitService.mount_apps:  # type: ignore[attr-defined]
             if isinstance(mounted, LateApp):
                 mounted.app = create_app(plane, settings)
         await asyncio.to_thread(freeze_heap)

@@ -2,8 +2,8 @@
 
 ``service/app.py`` parses requests into the wire types of ``service/schemas.py``, converts them
 to domain types, calls a method here, and renders the domain objects it returns (or the
-:class:`~refit.errors.RefitError` it raises) as wire types. Nothing here knows the wire types. Everything that
-blocks (the store, the registry) runs on a thread, never on the event loop.
+:class:`~refit.errors.RefitError` it raises) as wire types. Nothing here knows the wire types.
+Everything that blocks (the store, the registry) runs on a thread, never on the event loop.
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def run_observed_batch(holder: ModelHolder, texts: list[str]) -> BatchOutput:
 
 
 class DataPlane:
-    """The service's operations, built from parts made by :func:`service.composition.build_data_plane`.
+    """The service's operations, over parts built by :func:`~service.composition.build_data_plane`.
 
     ``start()`` loads the model and starts the background threads; ``stop()`` ends them and
     flushes the prediction log.

@@ -12,7 +12,6 @@ and finds its process gone.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import subprocess
 import threading

@@ -126,7 +126,9 @@ def openapi_document(
         if parameters:
             entry["parameters"] = [
                 {
-                    "name": p.name, "in": p.location, "required": p.required or p.location == "path",
+                    "name": p.name,
+                    "in": p.location,
+                    "required": p.required or p.location == "path",
                     "schema": p.schema, **({"description": p.description} if p.description else {}),
                     **({"example": p.example} if p.example is not None else {}),
                 }

@@ -38,8 +38,8 @@ def trained_registry(tmp_path_factory: pytest.TempPathFactory):
     """A registry with one promoted version trained on the demo data (no search, for speed)."""
     from adapters.serving.data import read_jsonl
     from adapters.serving.registry import ModelRegistry
-    from adapters.training.search import SearchOptions
     from adapters.training.pipeline import TrainingOptions, train_version
+    from adapters.training.search import SearchOptions
 
     registry = ModelRegistry(tmp_path_factory.mktemp("registry"))
     train_version(

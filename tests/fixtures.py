@@ -69,7 +69,9 @@ def toy_graph(labels: Sequence[str], seed: int = 0) -> onnx.ModelProto:
             helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"]),
         ],
         [
-            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", len(labels)]),
+            helper.make_tensor_value_info(
+                "probabilities", TensorProto.FLOAT, ["batch", len(labels)]
+            ),
             helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", EMBEDDING_DIM]),
         ],
         initializers,

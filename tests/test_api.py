@@ -79,7 +79,9 @@ def test_too_little_feedback_is_a_409_with_the_counts(api, plane_settings):
     assert body["feedback_items"] < plane_settings.retrain_min_feedback
 
 
-@pytest.mark.parametrize("path", ["/nope", "/predict/extra", "/docs/../../etc/passwd", "/docs/x.js"])
+@pytest.mark.parametrize(
+    "path", ["/nope", "/predict/extra", "/docs/../../etc/passwd", "/docs/x.js"]
+)
 def test_unknown_paths_get_a_json_404(api, path):
     response = api.get(path)
     assert response.status_code == 404
@@ -173,9 +175,8 @@ def test_index_lists_every_endpoint(api):
 
 
 def test_labels_combine_training_data_feedback_and_recall(api, plane_settings):
-    predictions = api.post("/predict", json={"texts": [f"recall probe {i}" for i in range(4)]}).json()[
-        "predictions"
-    ]
+    texts = [f"recall probe {i}" for i in range(4)]
+    predictions = api.post("/predict", json={"texts": texts}).json()["predictions"]
     api.post("/feedback", json={"items": [
         {"prediction_id": p["prediction_id"], "label": "refund"} for p in predictions
     ] + [{"text": "one-off", "label": "rare_label"}]})
@@ -183,14 +184,16 @@ def test_labels_combine_training_data_feedback_and_recall(api, plane_settings):
     rows = {row["label"]: row for row in body["labels"]}
     assert body["min_examples"] == plane_settings.label_min_examples == 5
     assert rows["billing"]["training_examples"] == TRAIN_EXAMPLES_PER_LABEL
-    assert rows["rare_label"]["status"] == "pending" and rows["rare_label"]["training_examples"] == 0
+    assert rows["rare_label"]["status"] == "pending"
+    assert rows["rare_label"]["training_examples"] == 0
     right = sum(p["label"] == "refund" for p in predictions)
     assert rows["refund"]["feedback_on_predictions"] == 4
     assert rows["refund"]["recall"] == pytest.approx(right / 4)
 
 
 def test_feedback_pages_cover_everything_once(api):
-    api.post("/feedback", json={"items": [{"text": f"paged {i}", "label": "paged"} for i in range(7)]})
+    items = [{"text": f"paged {i}", "label": "paged"} for i in range(7)]
+    api.post("/feedback", json={"items": items})
     seen, cursor = [], None
     while True:
         page = api.get("/feedback", params={"label": "paged", "limit": 3,

@@ -38,14 +38,21 @@ def predict(client, texts: list[str]) -> list[dict]:
     return response.json()["predictions"]
 
 
+def by_prediction(client) -> list[dict]:
+    params = {"source": "prediction_id", "limit": 1000}
+    return client.get("/feedback", params=params).json()["items"]
+
+
 def test_list_filters_and_pages(client):
     before = time.time()
     predictions = predict(client, ["where is my parcel", "cancel my order please"])
-    give(client, [{"prediction_id": p["prediction_id"], "label": "page_test_a"} for p in predictions])
+    give(client, [{"prediction_id": p["prediction_id"], "label": "page_test_a"}
+                  for p in predictions])
     give(client, [{"text": f"page text {i}", "label": "page_test_b"} for i in range(5)])
 
     by_label = client.get("/feedback", params={"label": "page_test_b"}).json()
-    assert [item["text"] for item in by_label["items"]] == [f"page text {i}" for i in range(4, -1, -1)]
+    newest_first = [f"page text {i}" for i in range(4, -1, -1)]
+    assert [item["text"] for item in by_label["items"]] == newest_first
     assert all(item["source"] == "text" for item in by_label["items"])
 
     by_source = client.get("/feedback", params={"source": "prediction_id", "since": before}).json()
@@ -54,7 +61,8 @@ def test_list_filters_and_pages(client):
         p["prediction_id"] for p in predictions
     }
     iso = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(before - 1))
-    assert len(client.get("/feedback", params={"since": iso, "label": "page_test_b"}).json()["items"]) == 5
+    since_iso = client.get("/feedback", params={"since": iso, "label": "page_test_b"}).json()
+    assert len(since_iso["items"]) == 5
     assert client.get("/feedback", params={"since": time.time() + 60}).json()["items"] == []
 
     seen: list[int] = []
@@ -115,7 +123,7 @@ def test_the_latest_label_for_a_prediction_wins(client):
         "prediction_id": p["prediction_id"], "previous_label": "conflict_one",
         "feedback_id": first["feedback_ids"][0],
     }]
-    rows = client.get("/feedback", params={"source": "prediction_id", "limit": 1000}).json()["items"]
+    rows = by_prediction(client)
     assert [row["label"] for row in rows if row["prediction_id"] == p["prediction_id"]] == [
         "conflict_two"
     ]
@@ -124,7 +132,7 @@ def test_the_latest_label_for_a_prediction_wins(client):
     both = give(client, [{"prediction_id": q["prediction_id"], "label": "conflict_one"},
                          {"prediction_id": q["prediction_id"], "label": "conflict_two"}])
     assert [r["previous_label"] for r in both["replaced"]] == ["conflict_one"]
-    rows = client.get("/feedback", params={"source": "prediction_id", "limit": 1000}).json()["items"]
+    rows = by_prediction(client)
     assert [row["label"] for row in rows if row["prediction_id"] == q["prediction_id"]] == [
         "conflict_two"
     ]
