@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Literal, Sequence
 
 import numpy as np
 from sqlalchemy import (
@@ -26,7 +26,9 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    and_,
     bindparam,
+    case,
     create_engine,
     delete,
     event,
@@ -40,6 +42,7 @@ from sqlalchemy.exc import DataError, IntegrityError, OperationalError, Programm
 from sqlalchemy.types import TypeDecorator
 
 from refit.errors import ConflictError, NotFoundError, StoreUnavailableError
+from refit.jobs import TERMINAL_PHASES, Job, RetrainOptions
 
 # A text column's escape marker: a noncharacter no real text starts with. Texts holding NUL (which
 # PostgreSQL's ``text`` rejects) or starting with the marker are stored as the marker followed by
@@ -113,9 +116,6 @@ retrain_jobs = Table(
     Column("error", Text, nullable=True),
 )
 
-TERMINAL_PHASES = ("done", "failed")
-
-
 @dataclass(frozen=True)
 class PredictionRecord:
     id: str
@@ -128,6 +128,15 @@ class PredictionRecord:
 
 
 @dataclass(frozen=True)
+class FeedbackSubmission:
+    """One feedback item as a client gives it: a logged prediction's id or a text, and a label."""
+
+    prediction_id: str | None
+    text: str | None
+    label: str
+
+
+@dataclass(frozen=True)
 class FeedbackRecord:
     prediction_id: str | None
     text: str
@@ -136,6 +145,57 @@ class FeedbackRecord:
     model_version: str | None = None
     embedding: bytes | None = None
     encoder_id: str | None = None
+
+
+@dataclass(frozen=True)
+class ReplacedFeedback:
+    """An earlier feedback item on the same prediction, removed because a newer label wins."""
+
+    prediction_id: str
+    previous_label: str
+    feedback_id: int
+
+
+@dataclass(frozen=True)
+class FeedbackInsert:
+    """What an insert did: the new ids in order, and the earlier items the newer labels replaced."""
+
+    ids: list[int]
+    replaced: list[ReplacedFeedback]
+
+
+@dataclass(frozen=True)
+class FeedbackEntry:
+    """A feedback item as listed (without its embedding)."""
+
+    id: int
+    created_at: float
+    prediction_id: str | None
+    text: str
+    label: str
+    predicted_label: str | None
+    model_version: str | None
+
+
+@dataclass(frozen=True)
+class FeedbackQuery:
+    """Which feedback to list: newest first, ``limit`` items with ids below ``before_id``."""
+
+    label: str | None = None
+    since: float | None = None
+    source: Literal["prediction_id", "text"] | None = None
+    limit: int = 100
+    before_id: int | None = None
+
+
+@dataclass(frozen=True)
+class LabelFeedbackStats:
+    """Feedback on one label: how many items, how many on logged predictions, and how many of
+    those the model had predicted right."""
+
+    items: int
+    on_predictions: int
+    predicted_right: int
 
 
 @dataclass(frozen=True)
@@ -288,15 +348,88 @@ class Store:
 
     # -- feedback -----------------------------------------------------------------------------
 
-    def insert_feedback(self, items: Sequence[FeedbackRecord]) -> list[int]:
-        """Insert all items in one transaction; returns their ids in order."""
+    def insert_feedback(self, items: Sequence[FeedbackRecord]) -> FeedbackInsert:
+        """Insert all items in one transaction; returns their ids in order.
+
+        A label for a prediction that already has one replaces it (the latest label wins, also
+        within ``items``): the earlier row is deleted, and reported in ``replaced``.
+        """
         now = time.time()
         ids: list[int] = []
+        replaced: list[ReplacedFeedback] = []
         with self.engine.begin() as conn:
             for item in items:
+                if item.prediction_id is not None:
+                    earlier = conn.execute(
+                        select(feedback.c.id, feedback.c.label)
+                        .where(feedback.c.prediction_id == item.prediction_id)
+                        .order_by(feedback.c.id)
+                    ).all()
+                    if earlier:
+                        conn.execute(
+                            delete(feedback).where(feedback.c.id.in_([row.id for row in earlier]))
+                        )
+                        replaced += [
+                            ReplacedFeedback(item.prediction_id, row.label, int(row.id))
+                            for row in earlier
+                        ]
                 result = conn.execute(insert(feedback).values(created_at=now, **item.__dict__))
                 ids.append(int(result.inserted_primary_key[0]))
-        return ids
+        # ``ids`` stays aligned with ``items``: an item a later one in the same call replaced
+        # keeps its (now deleted) id there, and is listed in ``replaced`` too.
+        return FeedbackInsert(ids, replaced)
+
+    def list_feedback(self, query: FeedbackQuery) -> list[FeedbackEntry]:
+        """Feedback matching ``query``, newest first (by id)."""
+        columns = [feedback.c[name] for name in FeedbackEntry.__dataclass_fields__]
+        statement = select(*columns).order_by(feedback.c.id.desc()).limit(query.limit)
+        if query.label is not None:
+            statement = statement.where(feedback.c.label == query.label)
+        if query.since is not None:
+            statement = statement.where(feedback.c.created_at >= query.since)
+        if query.source == "prediction_id":
+            statement = statement.where(feedback.c.prediction_id.is_not(None))
+        elif query.source == "text":
+            statement = statement.where(feedback.c.prediction_id.is_(None))
+        if query.before_id is not None:
+            statement = statement.where(feedback.c.id < query.before_id)
+        with self.engine.connect() as conn:
+            return [FeedbackEntry(**row._asdict()) for row in conn.execute(statement)]
+
+    def relabel_feedback(self, feedback_id: int, label: str) -> FeedbackEntry:
+        """Give feedback item ``feedback_id`` another label; 404 if there is no such item."""
+        with self.engine.begin() as conn:
+            changed = conn.execute(
+                update(feedback).where(feedback.c.id == feedback_id).values(label=label)
+            ).rowcount
+        if not changed:
+            raise NotFoundError(f"no feedback item {feedback_id}", field="feedback_id")
+        [entry] = self.list_feedback(FeedbackQuery(limit=1, before_id=feedback_id + 1))
+        return entry
+
+    def delete_feedback(self, feedback_id: int) -> None:
+        """Delete feedback item ``feedback_id``; 404 if there is no such item."""
+        with self.engine.begin() as conn:
+            deleted = conn.execute(delete(feedback).where(feedback.c.id == feedback_id)).rowcount
+        if not deleted:
+            raise NotFoundError(f"no feedback item {feedback_id}", field="feedback_id")
+
+    def feedback_label_stats(self) -> dict[str, LabelFeedbackStats]:
+        """Per label given by feedback: items, items on logged predictions, and how many of
+        those the model predicted right (the label's recall as feedback shows it)."""
+        on_prediction = feedback.c.predicted_label.is_not(None)
+        right = and_(on_prediction, feedback.c.predicted_label == feedback.c.label)
+        statement = select(
+            feedback.c.label,
+            func.count(),
+            func.sum(case((on_prediction, 1), else_=0)),
+            func.sum(case((right, 1), else_=0)),
+        ).group_by(feedback.c.label)
+        with self.engine.connect() as conn:
+            return {
+                label: LabelFeedbackStats(int(n), int(on or 0), int(hits or 0))
+                for label, n, on, hits in conn.execute(statement)
+            }
 
     def count_feedback(self) -> int:
         with self.engine.connect() as conn:
@@ -356,7 +489,7 @@ class Store:
 
     # -- retrain jobs ------------------------------------------------------------------------
 
-    def create_job(self, job_id: str, options: dict[str, Any]) -> None:
+    def create_job(self, job_id: str, options: RetrainOptions) -> None:
         """Record a new running job; raises ConflictError naming the job already running."""
         now = time.time()
         try:
@@ -364,14 +497,14 @@ class Store:
                 conn.execute(
                     insert(retrain_jobs).values(
                         id=job_id, created_at=now, updated_at=now, phase="queued", running=1,
-                        options=json.dumps(options),
+                        options=json.dumps(options.to_dict()),
                     )
                 )
         except IntegrityError:
             running = self.running_job()
             raise ConflictError(
-                f"a retrain job is already running: {running['job_id'] if running else 'unknown'}",
-                running_job_id=running["job_id"] if running else None,
+                f"a retrain job is already running: {running.job_id if running else 'unknown'}",
+                running_job_id=running.job_id if running else None,
             ) from None
 
     def update_job(self, job_id: str, **fields: Any) -> None:
@@ -383,36 +516,36 @@ class Store:
         with self.engine.begin() as conn:
             conn.execute(update(retrain_jobs).where(retrain_jobs.c.id == job_id).values(**values))
 
-    def get_job(self, job_id: str) -> dict[str, Any]:
+    def get_job(self, job_id: str) -> Job:
         with self.engine.connect() as conn:
             row = conn.execute(select(retrain_jobs).where(retrain_jobs.c.id == job_id)).first()
         if row is None:
             raise NotFoundError(f"no retrain job {job_id!r}", field="job_id")
-        return _job_dict(row._asdict())
+        return _job(row._asdict())
 
-    def running_job(self) -> dict[str, Any] | None:
+    def running_job(self) -> Job | None:
         with self.engine.connect() as conn:
             row = conn.execute(select(retrain_jobs).where(retrain_jobs.c.running == 1)).first()
-        return None if row is None else _job_dict(row._asdict())
+        return None if row is None else _job(row._asdict())
 
-    def list_jobs(self, limit: int = 20) -> list[dict[str, Any]]:
+    def list_jobs(self, limit: int = 20) -> list[Job]:
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(retrain_jobs).order_by(retrain_jobs.c.created_at.desc()).limit(limit)
             ).all()
-        return [_job_dict(row._asdict()) for row in rows]
+        return [_job(row._asdict()) for row in rows]
 
 
-def _job_dict(row: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "job_id": row["id"],
-        "phase": row["phase"],
-        "created_at": row["created_at"],
-        "updated_at": row["updated_at"],
-        "pid": row["pid"],
-        "host": row["host"],
-        "options": json.loads(row["options"]),
-        "progress": json.loads(row["progress"]) if row["progress"] else None,
-        "result": json.loads(row["result"]) if row["result"] else None,
-        "error": row["error"],
-    }
+def _job(row: dict[str, Any]) -> Job:
+    return Job(
+        job_id=row["id"],
+        phase=row["phase"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        pid=row["pid"],
+        host=row["host"],
+        options=RetrainOptions.from_dict(json.loads(row["options"])),
+        progress=json.loads(row["progress"]) if row["progress"] else None,
+        result=json.loads(row["result"]) if row["result"] else None,
+        error=row["error"],
+    )

@@ -29,6 +29,7 @@ from collections import OrderedDict
 from pydantic import SecretStr
 
 from refit.errors import ForbiddenError, TooManyRequestsError, UnauthorizedError
+from refit.settings import RefitSettings
 
 
 def is_loopback(host: str | None) -> bool:
@@ -102,3 +103,12 @@ class RateLimiter:
             self._buckets[key] = (tokens - cost, now)
             while len(self._buckets) > self.max_clients:
                 self._buckets.popitem(last=False)
+
+
+def admin_guard(settings: RefitSettings) -> RoleGuard:
+    return RoleGuard("admin", "REFIT_ADMIN_TOKEN", settings.admin_token)
+
+
+def feedback_guard(settings: RefitSettings) -> RoleGuard:
+    """The feedback key, or the admin token, which carries every role."""
+    return RoleGuard("feedback", "REFIT_FEEDBACK_KEY", settings.feedback_key, settings.admin_token)

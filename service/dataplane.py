@@ -1,38 +1,48 @@
 """The data plane: what the HTTP endpoints do, free of any web framework.
 
-``service/app.py`` parses requests into the wire types of ``service/schemas.py``, calls a method
-here, and renders the result or the :class:`~refit.errors.RefitError` it raises. Everything that
-blocks (the store, the registry) runs on a thread, never on the event loop.
+``service/app.py`` parses requests into the wire types of ``service/schemas.py``, converts them
+to domain types, calls a method here, and renders the domain objects it returns (or the
+:class:`~refit.errors.RefitError` it raises) as wire types. Nothing here knows the wire types.
+Everything that blocks (the store, the registry) runs on a thread, never on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import logging
 import os
 import socket
 import time
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from adapters.serving.registry import ModelRegistry
+from adapters.serving.data import read_jsonl
+from adapters.serving.labels import LabelStatus, label_statuses
+from adapters.serving.registry import ModelRegistry, ModelVersion, Pointer
 from monitoring.drift_job import drift_dir
-from monitoring.leader import MonitorLeader
-from monitoring.metrics import forget_dead_processes, metrics
+from monitoring.metrics import metrics
 from refit.errors import InvalidInputError, NotFoundError
+from refit.jobs import Job, RetrainOptions
 from refit.settings import RefitSettings
-from refit.store import FeedbackRecord, PredictionRecord, Store
+from refit.store import (
+    FeedbackEntry,
+    FeedbackQuery,
+    FeedbackRecord,
+    FeedbackSubmission,
+    PredictionRecord,
+    ReplacedFeedback,
+    Store,
+)
 from service.batching import AdaptiveBatcher
 from service.jobs import JOB_ID, RetrainJobs
 from service.prediction_log import PredictionLog
-from service.predictor import BatchOutput, ModelHolder
-from service.schemas import FeedbackItem
 from service.security import inline_script_policy
+from service.predictor import BatchOutput, ModelHolder
 
 log = logging.getLogger("refit.dataplane")
 
@@ -49,44 +59,131 @@ def prediction_id_time(prediction_id: str) -> float | None:
         return None
 
 
+@dataclass(frozen=True)
+class PredictionResult:
+    prediction_id: str
+    label: str
+    confidence: float
+    scores: dict[str, float]
+
+
+@dataclass(frozen=True)
+class PredictionBatch:
+    """What ``predict`` answers: one result per text, in order, all from one model version."""
+
+    model_version: str
+    predictions: list[PredictionResult]
+
+
+@dataclass(frozen=True)
+class FeedbackReceipt:
+    feedback_ids: list[int]
+    replaced: list[ReplacedFeedback]
+
+
+@dataclass(frozen=True)
+class FeedbackPage:
+    items: list[FeedbackEntry]
+    next_cursor: int | None
+    """Pass as ``before_id`` for the next page; ``None`` on the last page."""
+
+
+@dataclass(frozen=True)
+class LabelReport:
+    """One label: its status, its evidence, and its recall as feedback shows it."""
+
+    status: LabelStatus
+    feedback_on_predictions: int
+    recall: float | None
+    """Share of feedback items on logged predictions with this true label that the model
+    predicted right; ``None`` without such feedback."""
+
+
+@dataclass(frozen=True)
+class LabelsOverview:
+    serving_version: str | None
+    min_examples: int
+    labels: list[LabelReport]
+
+
+@dataclass(frozen=True)
+class ServingState:
+    """What this worker serves."""
+
+    version: str | None
+    worker_pid: int
+    host: str
+    loaded_at: float | None
+    last_swap_error: str | None
+
+
+@dataclass(frozen=True)
+class ModelsOverview:
+    pointer: Pointer | None
+    serving: ServingState
+    versions: list[ModelVersion]
+
+
+class BackgroundTask(Protocol):
+    """Something the data plane starts with itself and stops with itself (the drift monitor)."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def run_observed_batch(holder: ModelHolder, texts: list[str]) -> BatchOutput:
+    """One inference batch on the serving version, counted in the prediction metrics."""
+    output = holder.run_batch(texts)
+    m = metrics()
+    labels = output.model.labels
+    counts = np.bincount(output.predicted, minlength=len(labels))
+    for index in np.flatnonzero(counts):
+        m.predictions.labels(label=labels[index], model_version=output.model.version).inc(
+            int(counts[index])
+        )
+    for value in output.confidence.tolist():
+        m.confidence.observe(value)
+    return output
+
+
 class DataPlane:
-    def __init__(self, settings: RefitSettings) -> None:
+    """The service's operations, over parts built by :func:`~service.composition.build_data_plane`.
+
+    ``start()`` loads the model and starts the background threads; ``stop()`` ends them and
+    flushes the prediction log.
+    """
+
+    def __init__(
+        self,
+        settings: RefitSettings,
+        store: Store,
+        registry: ModelRegistry,
+        holder: ModelHolder,
+        prediction_log: PredictionLog,
+        jobs: RetrainJobs,
+        monitor: BackgroundTask,
+        batcher: AdaptiveBatcher[BatchOutput],
+    ) -> None:
         self.settings = settings
-        self.registry = ModelRegistry(settings.registry_path)
-        self.store: Store | None = None
-        self.holder = ModelHolder(
-            self.registry, settings.ort_threads, settings.swap_poll_interval_s
-        )
-        self.prediction_log: PredictionLog | None = None
-        self.jobs: RetrainJobs | None = None
-        self.monitor = MonitorLeader(settings.data_dir)
-        self.batcher: AdaptiveBatcher[BatchOutput] = AdaptiveBatcher(
-            self._run_batch,
-            max_batch_size=settings.batch_max_size,
-            max_queued=max(1024, settings.batch_max_size * 32),
-            concurrency=settings.inference_threads,
-        )
+        self.store = store
+        self.registry = registry
+        self.holder = holder
+        self.prediction_log = prediction_log
+        self.jobs = jobs
+        self.monitor = monitor
+        self.batcher = batcher
         self.started_at = time.time()
         self._report_cache: tuple[tuple[int, int], bytes, str] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        await asyncio.to_thread(self._start_blocking)
+        await asyncio.to_thread(self.start_blocking)
 
-    def _start_blocking(self) -> None:
-        forget_dead_processes()
-        _initialise_metrics()
-        self.store = Store.from_url(self.settings.resolved_database_url)
-        self.prediction_log = PredictionLog(
-            self.store,
-            flush_interval_s=self.settings.log_flush_interval_ms / 1000,
-            retention_rows=self.settings.retention_rows,
-            retention_days=self.settings.retention_days,
-            quarantine_path=self.settings.data_dir / "quarantine" / "predictions.jsonl",
-        )
+    def start_blocking(self) -> None:
+        """Start the parts' threads and load the current version (before reporting ready)."""
         self.prediction_log.start()
-        self.jobs = RetrainJobs(self.settings, self.store)
         self.jobs.reconcile()
         self.registry.cleanup()
         self.holder.sync()  # load and warm the current version before reporting ready
@@ -95,45 +192,23 @@ class DataPlane:
         if not self.holder.ready:
             log.warning("no current model in %s: not ready until one is promoted",
                         self.registry.root)
-        # Everything loaded so far lives as long as the worker: move it out of the garbage
-        # collector's way, and collect young objects less often. Full collections over a large
-        # heap otherwise pause the worker for tens of milliseconds under load (a p99 spike).
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(20_000, 50, 1000)
 
     async def stop(self) -> None:
-        await asyncio.to_thread(self._stop_blocking)
+        await asyncio.to_thread(self.stop_blocking)
 
-    def _stop_blocking(self) -> None:
+    def stop_blocking(self) -> None:
         self.monitor.stop()
         self.holder.stop()
         self.batcher.close()
-        if self.prediction_log is not None:
-            self.prediction_log.close()
-        if self.store is not None:
-            self.store.close()
+        self.prediction_log.close()
+        self.store.close()
 
     @property
     def ready(self) -> bool:
-        return (
-            self.holder.ready and self.prediction_log is not None and self.prediction_log.store_ok
-        )
+        """A model is loaded and the store answers (the prediction log checks it every second)."""
+        return self.holder.ready and self.prediction_log.store_ok
 
     # -- predict ---------------------------------------------------------------------------------
-
-    def _run_batch(self, texts: list[str]) -> BatchOutput:
-        output = self.holder.run_batch(texts)
-        m = metrics()
-        labels = output.model.labels
-        counts = np.bincount(output.predicted, minlength=len(labels))
-        for index in np.flatnonzero(counts):
-            m.predictions.labels(label=labels[index], model_version=output.model.version).inc(
-                int(counts[index])
-            )
-        for value in output.confidence.tolist():
-            m.confidence.observe(value)
-        return output
 
     def check_texts(self, texts: Sequence[str], field: str = "texts") -> None:
         limit = self.settings.max_texts_per_request
@@ -151,14 +226,14 @@ class DataPlane:
             if not text.strip():
                 raise InvalidInputError("text is empty", field=f"{field}[{index}]")
 
-    async def predict(self, texts: list[str]) -> dict[str, Any]:
+    async def predict(self, texts: list[str]) -> PredictionBatch:
         self.check_texts(texts)
         self.holder.require()
         output, start, stop = await self.batcher.submit(texts)
         model = output.model
         labels = model.labels
         now = time.time()
-        predictions: list[dict[str, Any]] = []
+        predictions: list[PredictionResult] = []
         records: list[PredictionRecord] = []
         rows = output.probabilities[start:stop].tolist()
         for offset, text in enumerate(texts):
@@ -167,12 +242,7 @@ class DataPlane:
             label = labels[output.predicted[row]]
             confidence = rows[offset][output.predicted[row]]
             predictions.append(
-                {
-                    "prediction_id": prediction_id,
-                    "label": label,
-                    "confidence": confidence,
-                    "scores": dict(zip(labels, rows[offset])),
-                }
+                PredictionResult(prediction_id, label, confidence, dict(zip(labels, rows[offset])))
             )
             records.append(
                 PredictionRecord(
@@ -180,15 +250,20 @@ class DataPlane:
                     output.embeddings[row].tobytes(),
                 )
             )
-        assert self.prediction_log is not None
         self.prediction_log.add(records)
-        return {"model_version": model.version, "predictions": predictions}
+        return PredictionBatch(model.version, predictions)
 
     # -- feedback --------------------------------------------------------------------------------
 
-    async def feedback(self, items: list[FeedbackItem]) -> dict[str, Any]:
+    async def feedback(self, items: list[FeedbackSubmission]) -> FeedbackReceipt:
         max_chars = self.settings.max_text_chars
         for index, item in enumerate(items):
+            if (item.prediction_id is None) == (item.text is None):
+                raise InvalidInputError(
+                    "give exactly one of 'prediction_id' or 'text'", field=f"items[{index}]"
+                )
+            if not item.label.strip():
+                raise InvalidInputError("'label' must not be blank", field=f"items[{index}].label")
             if item.text is not None and len(item.text) > max_chars:
                 raise InvalidInputError(
                     f"text is {len(item.text)} characters long; at most {max_chars} are allowed",
@@ -198,8 +273,7 @@ class DataPlane:
                 raise InvalidInputError("text is empty", field=f"items[{index}].text")
         return await asyncio.to_thread(self._feedback_blocking, items)
 
-    def _feedback_blocking(self, items: list[FeedbackItem]) -> dict[str, Any]:
-        assert self.store is not None
+    def _feedback_blocking(self, items: list[FeedbackSubmission]) -> FeedbackReceipt:
         wanted = [item.prediction_id for item in items if item.prediction_id is not None]
         found = self._find_predictions(wanted)
         for index, item in enumerate(items):
@@ -226,17 +300,52 @@ class DataPlane:
                         encoder_id=self._encoder_id(prediction.model_version),
                     )
                 )
-            else:
-                assert item.text is not None
+            elif item.text is not None:
                 records.append(FeedbackRecord(prediction_id=None, text=item.text, label=label))
-        ids = self.store.insert_feedback(records)
+        inserted = self.store.insert_feedback(records)
         m = metrics()
         by_id = len(wanted)
         if by_id:
             m.feedback.labels(source="prediction_id").inc(by_id)
         if len(items) - by_id:
             m.feedback.labels(source="text").inc(len(items) - by_id)
-        return {"accepted": len(ids), "feedback_ids": ids}
+        return FeedbackReceipt(inserted.ids, inserted.replaced)
+
+    async def list_feedback(self, query: FeedbackQuery) -> FeedbackPage:
+        """One page of feedback, newest first."""
+        wanted = replace(query, limit=query.limit + 1)  # one more tells whether a page follows
+        entries = await asyncio.to_thread(self.store.list_feedback, wanted)
+        more = len(entries) > query.limit
+        entries = entries[: query.limit]
+        return FeedbackPage(entries, entries[-1].id if more and entries else None)
+
+    async def relabel_feedback(self, feedback_id: int, label: str) -> FeedbackEntry:
+        if not label.strip():
+            raise InvalidInputError("'label' must not be blank", field="label")
+        return await asyncio.to_thread(self.store.relabel_feedback, feedback_id, label.strip())
+
+    async def delete_feedback(self, feedback_id: int) -> None:
+        await asyncio.to_thread(self.store.delete_feedback, feedback_id)
+
+    async def labels(self) -> LabelsOverview:
+        return await asyncio.to_thread(self._labels_blocking)
+
+    def _labels_blocking(self) -> LabelsOverview:
+        version = self.registry.current()
+        model_labels = version.labels if version is not None else []
+        training = training_label_counts(version) if version is not None else {}
+        stats = self.store.feedback_label_stats()
+        min_examples = self.settings.label_min_examples
+        statuses = label_statuses(
+            model_labels, training, {label: s.items for label, s in stats.items()}, min_examples
+        )
+        reports = []
+        for status in statuses:
+            stat = stats.get(status.label)
+            on = stat.on_predictions if stat else 0
+            recall = stat.predicted_right / on if stat and on else None
+            reports.append(LabelReport(status, on, recall))
+        return LabelsOverview(version.name if version else None, min_examples, reports)
 
     def _find_predictions(self, ids: list[str]) -> dict[str, PredictionRecord]:
         """Logged predictions by id, waiting briefly for ones other workers have yet to flush.
@@ -248,7 +357,6 @@ class DataPlane:
         """
         if not ids:
             return {}
-        assert self.store is not None and self.prediction_log is not None
         found = self.prediction_log.pending(ids)
         found.update(self.store.get_predictions(i for i in ids if i not in found))
         flush_s = self.settings.log_flush_interval_ms / 1000
@@ -274,78 +382,46 @@ class DataPlane:
 
     # -- models ----------------------------------------------------------------------------------
 
-    def models(self) -> dict[str, Any]:
-        pointer = self.registry.pointer()
+    def models(self) -> ModelsOverview:
         model = self.holder.model
-        versions = []
-        for version in self.registry.list_versions():
-            m = version.manifest
-            versions.append(
-                {
-                    "version": version.name,
-                    "parent": m.get("parent"),
-                    "created_at": m.get("created_at"),
-                    "labels": m.get("labels"),
-                    "metrics": {
-                        split: {
-                            "accuracy": m["metrics"][split]["accuracy"],
-                            "macro_f1": m["metrics"][split]["macro_f1"],
-                            "examples": m["metrics"][split]["examples"],
-                        }
-                        for split in ("validation", "test")
-                        if split in m.get("metrics", {})
-                    },
-                    "gate": m.get("gate"),
-                    "current": pointer is not None and pointer.version == version.name,
-                }
-            )
-        return {
-            "current": pointer.version if pointer else None,
-            "serving": {
-                "version": model.version if model else None,
-                "worker_pid": os.getpid(),
-                "host": socket.gethostname(),
-                "loaded_at": model.loaded_at if model else None,
-                "last_swap_error": self.holder.status.last_error,
-            },
-            "versions": versions,
-        }
+        return ModelsOverview(
+            pointer=self.registry.pointer(),
+            serving=ServingState(
+                version=model.version if model else None,
+                worker_pid=os.getpid(),
+                host=socket.gethostname(),
+                loaded_at=model.loaded_at if model else None,
+                last_swap_error=self.holder.status.last_error,
+            ),
+            versions=self.registry.list_versions(),
+        )
 
-    async def promote(self, version: str) -> dict[str, Any]:
-        pointer = await asyncio.to_thread(self.registry.promote, version)
-        return {
-            "current": pointer.version,
-            "previous": pointer.previous,
-            "promoted_at": pointer.promoted_at,
-            "note": f"every worker switches within about {self.settings.swap_poll_interval_s:g}s "
-            "plus the load time",
-        }
-
+    async def promote(self, version: str) -> Pointer:
+        return await asyncio.to_thread(self.registry.promote, version)
 
     # -- retraining -------------------------------------------------------------------------------
 
-    async def retrain(self, options: dict[str, Any]) -> dict[str, Any]:
+    async def retrain(self, options: RetrainOptions) -> Job:
         self.holder.require()
-        assert self.jobs is not None
         return await asyncio.to_thread(self.jobs.submit, options)
 
-    async def retrain_status(self, job_id: str) -> dict[str, Any]:
-        assert self.jobs is not None
-        if not JOB_ID.fullmatch(job_id):
+    async def retrain_status(self, job_id: str) -> Job:
+        if not JOB_ID.fullmatch(job_id):  # never let an arbitrary string reach SQL
             raise NotFoundError(f"no retrain job {job_id[:64]!r}", field="job_id")
         return await asyncio.to_thread(self.jobs.get, job_id)
 
-    async def retrain_jobs(self) -> dict[str, Any]:
-        assert self.jobs is not None
-        return {"jobs": await asyncio.to_thread(self.jobs.list)}
+    async def retrain_jobs(self) -> list[Job]:
+        return await asyncio.to_thread(self.jobs.list)
 
 
     # -- drift ----------------------------------------------------------------------------------
 
     def drift(self) -> dict[str, Any]:
+        """The drift job's latest result (see ``monitoring.drift.DriftResult``), or pending."""
         path = drift_dir(self.settings) / "latest.json"
         try:
-            return json.loads(path.read_text())
+            result: dict[str, Any] = json.loads(path.read_text())
+            return result
         except FileNotFoundError:
             return {
                 "status": "pending",
@@ -370,7 +446,7 @@ class DataPlane:
         return self._report_cache[1], self._report_cache[2]
 
 
-def _initialise_metrics() -> None:
+def initialise_metrics() -> None:
     """Create every labelled counter at 0, so the first failure shows as an increase."""
     m = metrics()
     for outcome in ("loaded", "failed"):
@@ -390,3 +466,17 @@ def _encoder_id_of(registry: ModelRegistry, version: str) -> str | None:
         return registry.get(version).encoder_id
     except Exception:  # noqa: BLE001 - a version deleted by hand: no reusable embedding
         return None
+
+
+def training_label_counts(version: ModelVersion) -> dict[str, int]:
+    """Examples per label in a version's training split (``data/train.jsonl``)."""
+    return dict(_training_label_counts(version.path))
+
+
+@lru_cache(maxsize=8)
+def _training_label_counts(path: Path) -> tuple[tuple[str, int], ...]:
+    # Versions are immutable, so the counts of a folder never change.
+    train = path / "data" / "train.jsonl"
+    if not train.exists():
+        return ()
+    return tuple(sorted(read_jsonl(train).label_counts().items()))

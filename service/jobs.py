@@ -12,7 +12,6 @@ and finds its process gone.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import socket
 import subprocess
@@ -20,13 +19,13 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 from monitoring.metrics import metrics
 from refit.errors import ConflictError
+from refit.jobs import Job, RetrainOptions
 from refit.processes import pid_alive, spawn_module
 from refit.settings import RefitSettings
-from refit.store import TERMINAL_PHASES, Store
+from refit.store import Store
 
 JOB_ID = re.compile(r"job-[0-9]{8}-[0-9]{6}-[0-9a-f]{6}")
 """What :meth:`RetrainJobs.submit` issues; anything else is not a job (and never reaches SQL)."""
@@ -38,15 +37,17 @@ STALE_AFTER_S = 300.0
 
 
 class RetrainJobs:
+    """Starts, supervises and reports retrain jobs (one running at a time)."""
+
     def __init__(self, settings: RefitSettings, store: Store) -> None:
         self.settings = settings
         self.store = store
         self.log_dir = Path(settings.data_dir) / "jobs"
         self.host = socket.gethostname()
 
-    def submit(self, options: dict[str, Any]) -> dict[str, Any]:
-        min_feedback = options.get("min_feedback") or self.settings.retrain_min_feedback
-        options = {**options, "min_feedback": min_feedback}
+    def submit(self, options: RetrainOptions) -> Job:
+        """Record and start a job; 409 if too little feedback or a job is already running."""
+        min_feedback = options.min_feedback
         have = self.store.count_feedback()
         if have < min_feedback:
             raise ConflictError(
@@ -76,11 +77,11 @@ class RetrainJobs:
     def _supervise(self, job_id: str, process: subprocess.Popen[bytes], started: float) -> None:
         code = process.wait()
         job = self.store.get_job(job_id)
-        if job["phase"] not in TERMINAL_PHASES:
+        if not job.terminal:
             how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
             self.store.update_job(job_id, phase="failed", error=f"the training process {how}")
             job = self.store.get_job(job_id)
-        outcome = "failed" if job["phase"] == "failed" else (job["result"] or {}).get("outcome", "failed")
+        outcome = job.outcome
         m = metrics()
         m.retrain_jobs.labels(outcome=outcome).inc()
         m.retrain_duration.labels(outcome=outcome).observe(time.monotonic() - started)
@@ -92,25 +93,25 @@ class RetrainJobs:
         if job is None:
             return
         gone = False
-        if job["host"] == self.host and job["pid"] is not None:
-            gone = not pid_alive(job["pid"])
-        elif time.time() - job["updated_at"] > STALE_AFTER_S:
+        if job.host == self.host and job.pid is not None:
+            gone = not pid_alive(job.pid)
+        elif time.time() - job.updated_at > STALE_AFTER_S:
             gone = True
-        elif job["pid"] is None and time.time() - job["created_at"] > 60:
+        elif job.pid is None and time.time() - job.created_at > 60:
             gone = True  # recorded, but its process never started
         if gone:
             self.store.update_job(
-                job["job_id"], phase="failed",
+                job.job_id, phase="failed",
                 error="the training process is gone (killed, or the server restarted under it)",
             )
 
-    def get(self, job_id: str) -> dict[str, Any]:
+    def get(self, job_id: str) -> Job:
         job = self.store.get_job(job_id)
-        if job["phase"] not in TERMINAL_PHASES:
+        if not job.terminal:
             self.reconcile()
             job = self.store.get_job(job_id)
         return job
 
-    def list(self, limit: int = 20) -> list[dict[str, Any]]:
+    def list(self, limit: int = 20) -> list[Job]:
         self.reconcile()
         return self.store.list_jobs(limit)

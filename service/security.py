@@ -64,17 +64,31 @@ class SecurityHeadersMiddleware:
         await self.app(scope, receive, send_with_headers)
 
 
-def inline_script_policy(html: bytes) -> str:
-    """A CSP that lets exactly the inline scripts of ``html`` run, sandboxed, and nothing else."""
-    hashes = sorted({
+def script_hashes(html: bytes) -> str:
+    """CSP sources allowing exactly the inline scripts of ``html``, by their sha256."""
+    return " ".join(sorted({
         "'sha256-" + base64.b64encode(hashlib.sha256(body).digest()).decode() + "'"
         for body in _INLINE_SCRIPT.findall(html)
-    })
-    scripts = " ".join(hashes) if hashes else "'none'"
+    }))
+
+
+def inline_script_policy(html: bytes) -> str:
+    """A CSP that lets exactly the inline scripts of ``html`` run, sandboxed, and nothing else."""
+    scripts = script_hashes(html) or "'none'"
     return (
         "default-src 'none'; "
         f"script-src {scripts}; "
         "style-src 'unsafe-inline'; img-src data:; font-src data:; "
         "connect-src 'none'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'; "
         "sandbox allow-scripts"
+    )
+
+
+def page_policy(html: bytes) -> str:
+    """A CSP for a page of ours that loads scripts and styles from this origin and calls its API
+    (Swagger UI): exactly its inline scripts by hash, nothing from elsewhere."""
+    return (
+        f"default-src 'none'; script-src 'self' {script_hashes(html)}; style-src 'self' 'unsafe-inline'; "
+        "img-src 'self' data:; connect-src 'self'; font-src 'self' data:; "
+        "form-action 'none'; base-uri 'none'; frame-ancestors 'none'"
     )

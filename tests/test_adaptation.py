@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from adapters.serving.registry import ModelRegistry
-from tests.servers import ServiceProcess, copy_registry, wait_for
+from tests.servers import wait_for
 
 pytestmark = pytest.mark.server
 
@@ -69,19 +69,14 @@ def wait_job(client: httpx.Client, job_id: str, timeout: float = 240) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(trained_registry, tmp_path_factory):
-    root = tmp_path_factory.mktemp("adapt")
-    service = ServiceProcess(
-        registry=copy_registry(trained_registry.root, root / "registry"),
-        data_dir=root / "var",
-        workers=2,
+def server(start_service):
+    return start_service(
+        "adapt",
         # The demo test split is small (75 examples): one more mistake is 1.3 points. The gate's
         # own decisions are tested in test_gate.py; here it should let a sound challenger through.
         env={"REFIT_ADMIN_TOKEN": TOKEN, "REFIT_RETRAIN_MIN_FEEDBACK": "20",
              "REFIT_GATE_TOLERANCE": "0.05"},
-    ).start()
-    yield service
-    service.stop()
+    )
 
 
 @pytest.fixture()

@@ -19,7 +19,7 @@ import yaml
 
 from adapters.serving.data import read_jsonl
 from tests.offtopic import offtopic_texts
-from tests.servers import PrometheusProcess, ServiceProcess, copy_registry, wait_for
+from tests.servers import PrometheusProcess, wait_for
 
 pytestmark = [
     pytest.mark.server,
@@ -83,18 +83,17 @@ def selectors(expr: str) -> list[tuple[str, dict[str, str], set[str]]]:
 
 
 @pytest.fixture(scope="module")
-def stack(trained_registry, tmp_path_factory):
-    root = tmp_path_factory.mktemp("monitoring")
-    service = ServiceProcess(
-        registry=copy_registry(trained_registry.root, root / "registry"),
-        data_dir=root / "var",
+def stack(start_service, tmp_path_factory):
+    service = start_service(
+        "monitoring",
         env={"REFIT_DRIFT_INTERVAL_S": "1", "REFIT_DRIFT_WINDOW": str(DRIFT_WINDOW),
              "REFIT_DRIFT_MIN_WINDOW": "100", "REFIT_ONLINE_ACCURACY_WINDOW": "100"},
+    )
+    prometheus = PrometheusProcess(
+        tmp_path_factory.mktemp("prometheus"), f"127.0.0.1:{service.port}"
     ).start()
-    prometheus = PrometheusProcess(root / "prometheus", f"127.0.0.1:{service.port}").start()
     yield service, prometheus
     prometheus.stop()
-    service.stop()
 
 
 def held_out_texts(registry_root: Path) -> list[str]:

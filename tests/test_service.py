@@ -8,22 +8,16 @@ import signal
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.servers import ServiceProcess, copy_registry
-
 pytestmark = pytest.mark.server
 
 
 @pytest.fixture(scope="module")
-def server(trained_registry, database_url, tmp_path_factory):
-    root = tmp_path_factory.mktemp("svc")
-    service = ServiceProcess(
-        registry=copy_registry(trained_registry.root, root / "registry"),
-        data_dir=root / "var",
+def server(start_service, database_url):
+    return start_service(
+        "svc",
         env={"REFIT_DATABASE_URL": database_url, "REFIT_MAX_TEXT_CHARS": "500",
              "REFIT_MAX_TEXTS_PER_REQUEST": "16", "REFIT_MAX_BODY_BYTES": "65536"},
-    ).start()
-    yield service
-    service.stop()
+    )
 
 
 @pytest.fixture()
@@ -177,3 +171,52 @@ def test_predictions_and_feedback_survive_a_restart(server, database_url):
         # Feedback on a prediction made before the restart still resolves.
         again = c.post("/feedback", json={"items": [{"prediction_id": ids[1], "label": "order_status"}]})
         assert again.status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/nope", "/predict/extra", "/docs.json", "/static_content/index.css"])
+def test_unknown_paths_get_a_json_404(client, path):
+    response = client.get(path)
+    assert response.status_code == 404, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert "error" in response.json()
+
+
+def test_openapi_document_and_swagger_ui_are_served(client):
+    from openapi_spec_validator import validate
+
+    document = client.get("/openapi.json").json()
+    validate(document)
+    assert {"/predict", "/feedback", "/models", "/retrain", "/livez", "/readyz"} <= set(
+        document["paths"]
+    )
+    page = client.get("/docs")
+    assert page.status_code == 200 and "/openapi.json" in page.text
+    assert client.get("/docs/swagger-ui-bundle.js").status_code == 200
+
+
+def with_examples(path: str, entry: dict) -> str:
+    """``path`` with each path parameter replaced by its documented example."""
+    for parameter in entry.get("parameters", []):
+        if parameter["in"] == "path":
+            path = path.replace("{" + parameter["name"] + "}", str(parameter["example"]))
+    return path
+
+
+def test_every_documented_request_example_is_accepted_by_the_server(client):
+    document = client.get("/openapi.json").json()
+    sent = 0
+    for path, entries in document["paths"].items():
+        for method, entry in entries.items():
+            if "requestBody" not in entry:
+                continue
+            example = entry["requestBody"]["content"]["application/json"]["examples"]["example"]
+            response = client.request(
+                method.upper(), with_examples(path, entry), json=example["value"]
+            )
+            documented = {int(code) for code in entry["responses"]}
+            # 2xx, or a documented refusal that depends on state (409: too little feedback).
+            assert response.status_code < 300 or (
+                response.status_code in documented and response.status_code not in (400, 422)
+            ), (method, path, response.status_code, response.text)
+            sent += 1
+    assert sent >= 4

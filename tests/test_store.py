@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from refit.errors import ConflictError
+from refit.jobs import RetrainOptions
 from refit.store import FeedbackRecord, PredictionRecord, Store, vector_bytes
 
 
@@ -40,18 +41,21 @@ def test_feedback_insert_is_one_transaction(store):
     with pytest.raises(Exception):
         store.insert_feedback([good, FeedbackRecord(None, None, "broken")])  # type: ignore[arg-type]
     assert store.count_feedback() == 0
-    assert len(store.insert_feedback([good, good])) == 2
+    assert len(store.insert_feedback([good, good]).ids) == 2
 
 
 def test_only_one_job_runs_at_a_time(store):
-    store.create_job("job-a", {"force": False})
+    store.create_job("job-a", RetrainOptions(force=True, min_feedback=7))
     with pytest.raises(ConflictError) as conflict:
-        store.create_job("job-b", {})
+        store.create_job("job-b", RetrainOptions())
     assert conflict.value.details["running_job_id"] == "job-a"
-    store.update_job("job-a", phase="done", result={"version": "v2"})
-    store.create_job("job-b", {})
-    assert store.running_job()["job_id"] == "job-b"
-    assert store.get_job("job-a")["result"] == {"version": "v2"}
+    store.update_job("job-a", phase="done", result={"version": "v2", "outcome": "promoted"})
+    store.create_job("job-b", RetrainOptions())
+    running = store.running_job()
+    assert running is not None and running.job_id == "job-b" and not running.terminal
+    done = store.get_job("job-a")
+    assert done.result == {"version": "v2", "outcome": "promoted"} and done.outcome == "promoted"
+    assert done.options == RetrainOptions(force=True, min_feedback=7)
 
 
 def test_online_accuracy_counts_only_feedback_on_predictions(store):

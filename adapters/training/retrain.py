@@ -29,7 +29,7 @@ import socket
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ from adapters.training.pipeline import (
 )
 from adapters.training.unfreeze import UnfreezeConfig, gradual_unfreeze
 from refit.errors import ConflictError, RefitError
+from refit.jobs import RetrainOptions
 from refit.settings import RefitSettings, load_settings
 from refit.store import Store, StoredFeedback
 
@@ -59,15 +60,6 @@ log = logging.getLogger("refit.retrain")
 LARGE_BATCH = 512
 LARGE_BATCH_FROM = 4096
 WARM_PATIENCE = 8
-
-
-@dataclass(frozen=True)
-class RetrainOptions:
-    unfreeze_layers: int = 0
-    search: str = "none"
-    min_feedback: int = 20
-    force: bool = False
-    seed: int = 0
 
 
 class JobReporter:
@@ -158,8 +150,7 @@ def feedback_embeddings(
 
 def run_job(job_id: str, settings: RefitSettings, store: Store) -> dict[str, Any]:
     started = time.perf_counter()
-    job = store.get_job(job_id)
-    options = RetrainOptions(**job["options"])
+    options: RetrainOptions = store.get_job(job_id).options
     reporter = JobReporter(store, job_id)
     store.update_job(job_id, phase="collecting", pid=os.getpid(), host=socket.gethostname())
     reporter.phase_name = "collecting"
