@@ -317,3 +317,58 @@ def test_a_failed_embedding_leaves_the_cursor_for_the_next_poll(rng):
         follower.poll()
     assert follower.cursor == 0 and len(memory) == 0
     assert follower.poll() == 1 and len(memory) == 1
+
+
+# -- on real data --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_on_hwu64_the_calibrated_memory_keeps_old_class_accuracy(shared_data):
+    """A head trained without 3 labels; the validation split as feedback (5% wrongly labelled);
+    the memory at its calibrated thresholds must not cost the old classes more than a point on
+    the test split, and must teach the new labels."""
+    from adapters.training.head import HeadConfig, head_probabilities, train_head
+    from bench.datasets import load
+
+    bench = load("hwu64")
+    rng = np.random.default_rng(0)
+    validation_labels = np.array(bench.validation.labels)
+    eligible = sorted(l for l in bench.labels if (validation_labels == l).sum() >= 15)
+    new = set(rng.choice(eligible, 3, replace=False).tolist())
+    old = [label for label in bench.labels if label not in new]
+    train_labels = np.array(bench.train.labels)
+    keep_t, keep_v = ~np.isin(train_labels, list(new)), ~np.isin(validation_labels, list(new))
+    index = {label: i for i, label in enumerate(old)}
+    trained = train_head(
+        bench.x_train[keep_t], np.array([index[l] for l in train_labels[keep_t]]),
+        bench.x_validation[keep_v], np.array([index[l] for l in validation_labels[keep_v]]),
+        len(old), HeadConfig(), seed=0,
+    )
+
+    def model(x: np.ndarray) -> np.ndarray:
+        return np.array(old, dtype=object)[head_probabilities(trained.head, x).argmax(axis=1)]
+
+    feedback_labels = validation_labels.astype(object)
+    wrong = rng.random(len(feedback_labels)) < 0.05
+    feedback_labels[wrong] = rng.choice(old, int(wrong.sum()))
+    calibration = calibrate_threshold(
+        bench.x_validation, list(feedback_labels), list(model(bench.x_validation)), old
+    )
+    memory = FeedbackMemory(known_labels=old)
+    memory.set_thresholds(calibration)
+    memory.add(list(range(len(feedback_labels))), bench.x_validation, list(feedback_labels))
+
+    truth = np.array(bench.test.labels, dtype=object)
+    alone = model(bench.x_test)
+    matches = memory.lookup(bench.x_test)
+    combined = alone.copy()
+    combined[matches.answered] = np.array(matches.labels, dtype=object)[matches.answered]
+    is_old = ~np.isin(truth, list(new))
+    old_alone = float((alone == truth)[is_old].mean())
+    old_combined = float((combined == truth)[is_old].mean())
+    new_recall = float((combined == truth)[~is_old].mean())
+    print(f"thresholds {calibration.threshold} / {calibration.new_label_threshold}; old classes "
+          f"{old_alone:.4f} alone, {old_combined:.4f} with the memory; new-label recall "
+          f"{new_recall:.3f} from {int((~keep_v).sum())} feedback items")
+    assert old_combined >= old_alone - 0.01
+    assert new_recall >= 0.3  # the model alone: 0

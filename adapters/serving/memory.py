@@ -43,8 +43,11 @@ DEFAULT_NEW_LABEL_THRESHOLD = 0.75
 """For labels the model does not know, until enough feedback exists to calibrate."""
 THRESHOLD_FLOOR = 0.85
 """Calibration never goes below this for known labels: a guard against a small, lucky sample."""
-NEW_LABEL_THRESHOLD_FLOOR = 0.65
+NEW_LABEL_THRESHOLD_FLOOR = 0.5
 """Calibration never goes below this for labels the model does not know."""
+MAX_KNOWN_LOSS = 0.005
+"""Calibration accepts no thresholds under which the leave-one-out accuracy on feedback of labels
+the model knows falls by more than this (a gain on new labels must not be paid by old ones)."""
 THRESHOLD_CEILING = 0.98
 """Calibration never goes above this: a repeat of a labelled text always gets its label."""
 MIN_CALIBRATION_ITEMS = 30
@@ -336,6 +339,7 @@ def calibrate_threshold(
     ceiling: float = THRESHOLD_CEILING,
     default: float = DEFAULT_THRESHOLD,
     new_label_default: float = DEFAULT_NEW_LABEL_THRESHOLD,
+    max_known_loss: float = MAX_KNOWN_LOSS,
     min_items: int = MIN_CALIBRATION_ITEMS,
     step: float = 0.005,
 ) -> Calibration:
@@ -344,12 +348,12 @@ def calibrate_threshold(
     Each item is looked up against all the others: at thresholds ``(t, t_new)`` it is answered
     by its nearest other item when their similarity reaches ``t`` (that item's label is one of
     ``known_labels``, the model's) or ``t_new`` (it is not), else by the model, whose prediction
-    for it is ``model_predictions[i]``. Items whose nearest item has a known label depend only on
-    ``t``, the others only on ``t_new``, so each threshold is swept on its own, from its floor to
-    ``ceiling`` in ``step``; the most correct answers win and ties go to the higher (more
-    cautious) threshold. Where no threshold beats the model, the ceiling is kept: the memory then
-    only repeats the labels of (near) duplicates. With fewer than ``min_items`` items, the
-    defaults.
+    for it is ``model_predictions[i]``. Every pair of candidate thresholds (``t`` from ``floor``,
+    ``t_new`` from ``new_label_floor``, both up to ``ceiling`` in ``step``) is scored; pairs that
+    lower the accuracy on items of known labels by more than ``max_known_loss`` are excluded;
+    the most correct answers win, ties going to the higher (more cautious) thresholds. Where
+    nothing beats the model, the ceiling is kept: the memory then only repeats the labels of
+    (near) duplicates. With fewer than ``min_items`` items, the defaults.
     """
     vectors = np.ascontiguousarray(embeddings, dtype=np.float32)
     n = len(vectors)
@@ -370,25 +374,34 @@ def calibrate_threshold(
         similarity[start : start + len(block)] = block.max(axis=1)
     memory_correct = truth[nearest] == truth
     neighbour_known = np.array([label in known for label in truth[nearest]])
-    gains = memory_correct.astype(int) - model_correct.astype(int)
+    item_known = np.array([label in known for label in truth])
+    gain = memory_correct.astype(int) - model_correct.astype(int)
 
-    def sweep(group: np.ndarray, low: float) -> tuple[float, int]:
-        """The threshold with the largest gain over the model on ``group``, and that gain."""
-        best_t, best_gain = float(ceiling), 0
-        for t in np.round(np.arange(ceiling, low - step / 2, -step), 6):
-            gain = int(gains[group & (similarity >= t)].sum())
-            if gain > best_gain:
-                best_t, best_gain = float(t), gain
-        return best_t, best_gain
+    def table(group: np.ndarray, low: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per candidate threshold (descending): the gain over the model within ``group``, and
+        the part of it on items of known labels."""
+        ts = np.round(np.arange(ceiling, low - step / 2, -step), 6)
+        above = similarity[None, :] >= ts[:, None]
+        in_group = above & group[None, :]
+        return ts, (in_group * gain).sum(axis=1), (in_group * (gain * item_known)).sum(axis=1)
 
-    t_known, gain_known = sweep(neighbour_known, floor)
-    t_new, gain_new = sweep(~neighbour_known, new_label_floor)
+    t1, g1, k1 = table(neighbour_known, floor)
+    t2, g2, k2 = table(~neighbour_known, new_label_floor)
+    total = g1[:, None] + g2[None, :]
+    known_change = k1[:, None] + k2[None, :]
+    allowed = known_change >= -max_known_loss * max(1, int(item_known.sum()))
+    total = np.where(allowed, total, np.iinfo(np.int64).min)
+    # Candidates run from the ceiling down, so the first maximum has the highest thresholds.
+    i, j = np.unravel_index(int(np.argmax(total)), total.shape)
+    if total[i, j] <= 0:
+        i, j = 0, 0
+    t_known, t_new = float(t1[i]), float(t2[j])
     answered = np.where(neighbour_known, similarity >= t_known, similarity >= t_new)
     combined = np.where(answered, memory_correct, model_correct)
     reason = (
         "leave-one-out accuracy of memory-or-model is highest at these thresholds"
-        if gain_known + gain_new > 0
-        else "no threshold beats the model alone: only near-duplicates are answered"
+        if total[i, j] > 0
+        else "no thresholds beat the model alone: only near-duplicates are answered"
     )
     return Calibration(t_known, t_new, n, float(model_correct.mean()), float(combined.mean()),
                        int(answered.sum()), reason)
