@@ -235,6 +235,30 @@ def test_new_labels_get_their_own_lower_threshold(rng):
     assert calibration.combined_accuracy == pytest.approx(1.0)
 
 
+def test_a_gain_on_new_labels_is_not_bought_with_old_ones(rng):
+    # Group A: 20 pairs of a new label at similarity 0.6 (the memory gains 40 below 0.6).
+    # Group B: 5 pairs of a new label at 0.8, each member with 6 items of known labels (which
+    # the model gets right) at 0.7 to it: below 0.7 the memory would answer them wrongly.
+    vectors, labels, predicted = [], [], []
+    for _ in range(20):
+        a = unit(rng.standard_normal(384))
+        vectors += [a, near(a, 0.6, rng)]
+        labels += ["new-a", "new-a"]
+        predicted += ["k0", "k0"]
+    for pair in range(5):
+        b = unit(rng.standard_normal(384))
+        vectors += [b, near(b, 0.8, rng)] + [near(b, 0.7, rng) for _ in range(6)]
+        labels += ["new-b", "new-b"] + [f"k{pair}"] * 6
+        predicted += ["k0", "k0"] + [f"k{pair}"] * 6
+    known = [f"k{i}" for i in range(5)]
+    stacked = np.stack(vectors)
+    guarded = calibrate_threshold(stacked, labels, predicted, known)
+    unguarded = calibrate_threshold(stacked, labels, predicted, known, max_known_loss=1.0)
+    assert unguarded.new_label_threshold <= 0.6  # 40 gained, 30 lost: a net gain overall
+    assert 0.7 < guarded.new_label_threshold <= 0.8  # only the pairs at 0.8
+    assert guarded.answered == 10
+
+
 def test_too_little_feedback_keeps_the_defaults(rng):
     vectors = unit(rng.standard_normal((5, 384)))
     calibration = calibrate_threshold(vectors, ["a"] * 5, ["a"] * 5, ["a"])
