@@ -50,15 +50,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from adapters.serving.data import stratified_indices  # noqa: E402
-from adapters.serving.memory import (  # noqa: E402
+from adapters.serving.data import stratified_indices
+from adapters.serving.memory import (
     Calibration,
     FeedbackMemory,
     calibrate_threshold,
     prune_to_mistakes,
 )
-from bench.common import ROOT, save  # noqa: E402
-from bench.datasets import Benchmark, load  # noqa: E402
+from bench.common import ROOT, save
+from bench.datasets import Benchmark, load
 
 FIGURES = ROOT / "bench" / "figures"
 ARMS = ("never", "memory", "retrain", "both")
@@ -141,7 +141,7 @@ def holdout_mask(ids: list[int], labels: list[str], fraction: float) -> np.ndarr
         if len(members) < 2:
             continue
         ranked = sorted(members, key=lambda p: hashlib.sha256(str(ids[p]).encode()).digest())
-        count = min(len(members) - 1, max(1, int(round(len(members) * fraction))))
+        count = min(len(members) - 1, max(1, round(len(members) * fraction)))
         mask[ranked[:count]] = True
     return mask
 
@@ -257,7 +257,6 @@ def run(name: str, options: StreamOptions) -> dict[str, Any]:
         # Not plotted: the memory arm with a similarity-weighted vote of the 5 nearest entries.
         "memory-vote": FeedbackMemory(known_labels=v1.labels, neighbours=5),
     }
-    all_labels = stream.old_labels + stream.new_labels
     n = len(stream.labels)
     truth = np.array(stream.labels, dtype=object)
     correct = {arm: np.zeros(n, dtype=bool) for arm in (*ARMS, "memory-vote")}
@@ -466,10 +465,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def markdown(result: dict[str, Any]) -> str:
     s = result["summary"]
     lines = [
-        f"**{result['dataset']}**: {result['predictions']} predictions, {result['feedback']} "
+        (f"**{result['dataset']}**: {result['predictions']} predictions, {result['feedback']} "
         f"feedback items ({result['wrong_feedback']} wrongly labelled), new labels "
         f"{', '.join(f'`{l}`' for l in result['new_labels'])} from chunk "
-        f"{result['options']['new_from_chunk']}, {len(result['retrains'])} retrains.",
+        f"{result['options']['new_from_chunk']}, {len(result['retrains'])} retrains."),
         "",
         "| | never | memory | retrain | both | memory, 5-NN vote |",
         "|---|---|---|---|---|---|",
@@ -480,14 +479,20 @@ def markdown(result: dict[str, Any]) -> str:
                        ("last_5_chunks", "accuracy, last 5 chunks"),
                        ("answered_by_memory", "answered by the memory")):
         lines.append(f"| {title} | " + " | ".join(f"{s[a][key]:.4f}" for a in arms) + " |")
-    lines += ["", "Feedback items of the label (and predictions of it) until its recall on "
-              "held-out probes first reaches 0.6:", "",
-              "| new label | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
+    lines += ["", ("Feedback items of the label (and predictions of it) until its recall on "
+                   "held-out probes first reaches 0.6; then the memory arm's recall once the "
+                   "label has had 20 feedback items, and every arm's recall at the end:"), "",
+              "| new label | " + " | ".join(arms) + " | memory at 20 | end: "
+              + " / ".join(ARMS) + " |", "|---" * (len(arms) + 3) + "|"]
     for label in result["new_labels"]:
         cells = []
         for arm in arms:
             hit = result["reach_recall_0_6"][arm][label]
             cells.append("never" if hit is None else f"{hit['feedback']} ({hit['predictions']})")
+        at_20 = next((t for t in result["timeline"] if t["feedback"][label] >= 20), None)
+        cells.append("-" if at_20 is None else f"{at_20['recall']['memory'][label]:.2f}")
+        end = result["timeline"][-1]["recall"]
+        cells.append(" / ".join(f"{end[arm][label]:.2f}" for arm in ARMS))
         lines.append(f"| `{label}` | " + " | ".join(cells) + " |")
     lines += ["", "| chunk | new-label share | " + " | ".join(ARMS) + " |",
               "|---" * (len(ARMS) + 2) + "|"]
@@ -500,10 +505,18 @@ def markdown(result: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--datasets", nargs="+", default=["hwu64", "banking77"])
+    parser.add_argument("--tables-from", nargs="+", type=Path, default=None,
+                        help="print the tables of saved results (bench/results/stream-*.json)")
     defaults = StreamOptions()
     for name, value in asdict(defaults).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = parser.parse_args()
+    if args.tables_from:
+        import json
+
+        for path in args.tables_from:
+            print(markdown(json.loads(path.read_text())) + "\n")
+        return
     options = StreamOptions(**{k: getattr(args, k) for k in asdict(defaults)})
     import torch
 
