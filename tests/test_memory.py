@@ -16,6 +16,7 @@ from adapters.serving.memory import (
     FeedbackMemory,
     calibrate_threshold,
     prune_to_mistakes,
+    rebuilt_memory,
 )
 
 
@@ -341,6 +342,50 @@ def test_a_failed_embedding_leaves_the_cursor_for_the_next_poll(rng):
         follower.poll()
     assert follower.cursor == 0 and len(memory) == 0
     assert follower.poll() == 1 and len(memory) == 1
+
+
+def test_replace_waits_for_the_round_in_progress_and_follows_the_new_memory(rng):
+    table = FeedbackTable()
+    vectors = unit(rng.standard_normal((3, 384)))
+    table.changes.append(FeedbackChange(1, 1, "a", "t", vectors[0]))
+    inside, release = threading.Event(), threading.Event()
+
+    def slow_fetch(cursor: int) -> list[FeedbackChange]:
+        inside.set()
+        release.wait(5)
+        return table.fetch(cursor)
+
+    old = FeedbackMemory(known_labels={"a"})
+    follower = FeedbackFollower(old, slow_fetch, lambda texts: None)
+    polling = threading.Thread(target=follower.poll)
+    polling.start()
+    inside.wait(5)
+    new = FeedbackMemory(known_labels={"a"})
+    new.add([1], vectors[:1], ["a"])  # rebuilt from every change up to 1
+    replacing = threading.Thread(target=follower.replace, args=(new, 1))
+    replacing.start()
+    replacing.join(0.2)
+    assert replacing.is_alive(), "replace must wait for the round in progress"
+    release.set()
+    polling.join(5)
+    replacing.join(5)
+    assert follower.memory is new and follower.cursor == 1
+    table.changes.append(FeedbackChange(2, 2, "a", "t", vectors[1]))
+    follower.poll()
+    assert sorted(new.ids.tolist()) == [1, 2]
+
+
+def test_a_rebuilt_memory_keeps_the_new_heads_mistakes_with_calibrated_thresholds(rng):
+    vectors, labels, predicted, names = clustered_feedback(rng)
+    ids = list(range(100, 100 + len(labels)))
+    memory, calibration = rebuilt_memory(ids, vectors, labels, predicted, names)
+    wrong = {fid for fid, label, p in zip(ids, labels, predicted) if label != p}
+    assert set(memory.ids.tolist()) == wrong
+    assert (memory.threshold, memory.new_label_threshold) == (
+        calibration.threshold, calibration.new_label_threshold)
+    assert memory.known_labels == frozenset(names)
+    empty, _ = rebuilt_memory([], np.zeros((0, 384), np.float32), [], [], names)
+    assert len(empty) == 0
 
 
 # -- on real data --------------------------------------------------------------------------------

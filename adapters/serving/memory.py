@@ -409,6 +409,40 @@ def calibrate_threshold(
                        int(answered.sum()), reason)
 
 
+def rebuilt_memory(
+    ids: Sequence[int],
+    embeddings: np.ndarray,
+    labels: Sequence[str],
+    predicted: Sequence[str],
+    known_labels: Iterable[str],
+) -> tuple[FeedbackMemory, Calibration]:
+    """The memory for a newly served model, from all feedback so far.
+
+    ``embeddings`` and ``predicted`` are the new model's embeddings of the feedback texts and its
+    labels for them (one ONNX run over the texts gives both). Thresholds are calibrated on all
+    items first; then only the entries the model gets wrong are kept. A head that trained on most
+    of this feedback looks better on it than on new traffic, so the thresholds come out higher
+    (more cautious) than on held-out feedback alone.
+    """
+    known = list(known_labels)
+    calibration = calibrate_threshold(embeddings, labels, predicted, known)
+    memory = FeedbackMemory(
+        dim=embeddings.shape[1] if embeddings.ndim == 2 and len(embeddings) else DIM,
+        threshold=calibration.threshold,
+        new_label_threshold=calibration.new_label_threshold,
+        known_labels=known,
+    )
+    memory.add(ids, embeddings, labels)
+    prune_to_mistakes(memory, memory.ids, [predicted[i] for i in _positions(ids, memory.ids)])
+    return memory, calibration
+
+
+def _positions(ids: Sequence[int], order: np.ndarray) -> list[int]:
+    """For each id in ``order``, its last position in ``ids``."""
+    where = {int(fid): i for i, fid in enumerate(ids)}
+    return [where[int(fid)] for fid in order]
+
+
 # -- keeping every worker in step with the store ----------------------------------------------------
 
 
@@ -456,11 +490,23 @@ class FeedbackFollower:
         self.embed = embed
         self.interval_s = interval_s
         self.cursor = cursor
+        self._round = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def replace(self, memory: FeedbackMemory, cursor: int) -> None:
+        """Follow ``memory`` from ``cursor`` on (a memory rebuilt for a new model from every change
+        up to ``cursor``). Waits for a round in progress, so none of its changes is lost."""
+        with self._round:
+            self.memory = memory
+            self.cursor = cursor
+
     def poll(self) -> int:
         """Fetch and apply the changes since the cursor; returns how many were applied."""
+        with self._round:
+            return self._poll()
+
+    def _poll(self) -> int:
         changes = list(self.fetch(self.cursor))
         if not changes:
             return 0
