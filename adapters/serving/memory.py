@@ -53,7 +53,7 @@ the model knows falls by more than this (a gain on new labels must not be paid b
 THRESHOLD_CEILING = 0.98
 """Calibration never goes above this: a repeat of a labelled text always gets its label."""
 MIN_CALIBRATION_ITEMS = 30
-"""Below this many feedback items, calibration keeps :data:`DEFAULT_THRESHOLD`."""
+"""Below this many feedback items, calibration keeps the default thresholds."""
 
 
 @dataclass(frozen=True)
@@ -201,6 +201,25 @@ class FeedbackMemory:
                 self._snapshot = self._compacted(keep)
         return removed
 
+    def remove_matching(self, labels_by_id: dict[int, str]) -> int:
+        """Remove the entries whose label equals ``labels_by_id[their id]``; returns how many.
+
+        Decided on the state at the time of the call, under the writers' lock, so a concurrent
+        add, relabel or removal can never misalign it.
+        """
+        with self._lock:
+            s = self._snapshot
+            names = s.label_names
+            keep = np.array(
+                [labels_by_id.get(fid) != names[code]
+                 for fid, code in zip(s.ids[: s.count].tolist(), s.codes[: s.count].tolist())],
+                dtype=bool,
+            )
+            removed = int(s.count - keep.sum())
+            if removed:
+                self._snapshot = self._compacted(keep)
+        return removed
+
     def retain_only(self, mask: np.ndarray) -> int:
         """Keep the entries where ``mask`` (aligned with :attr:`ids`) is true; returns removals.
 
@@ -283,22 +302,13 @@ def _weighted_vote(
 # -- after a promotion ---------------------------------------------------------------------------
 
 
-def prune_to_mistakes(memory: FeedbackMemory, ids: np.ndarray, predicted: Sequence[str]) -> int:
+def prune_to_mistakes(memory: FeedbackMemory, ids: Sequence[int], predicted: Sequence[str]) -> int:
     """Keep only the entries the new head still gets wrong; returns how many were removed.
 
-    ``ids`` are the memory's :attr:`~FeedbackMemory.ids` at the time the head predicted them
-    and ``predicted[i]`` the new head's label for entry ``ids[i]``. Entries added since are kept:
-    the new head never saw them.
+    ``predicted[i]`` is the new head's label for the entry with feedback id ``ids[i]``. Entries
+    it did not predict (added since) are kept: the new head never saw them.
     """
-    current = memory.ids
-    position = {int(fid): i for i, fid in enumerate(np.asarray(ids).tolist())}
-    labels = memory.labels
-    keep = np.ones(len(current), dtype=bool)
-    for row, fid in enumerate(current.tolist()):
-        i = position.get(fid)
-        if i is not None and predicted[i] == labels[row]:
-            keep[row] = False
-    return memory.retain_only(keep)
+    return memory.remove_matching(dict(zip((int(i) for i in ids), predicted)))
 
 
 # -- threshold calibration ------------------------------------------------------------------------
@@ -433,14 +443,8 @@ def rebuilt_memory(
         known_labels=known,
     )
     memory.add(ids, embeddings, labels)
-    prune_to_mistakes(memory, memory.ids, [predicted[i] for i in _positions(ids, memory.ids)])
+    prune_to_mistakes(memory, ids, predicted)
     return memory, calibration
-
-
-def _positions(ids: Sequence[int], order: np.ndarray) -> list[int]:
-    """For each id in ``order``, its last position in ``ids``."""
-    where = {int(fid): i for i, fid in enumerate(ids)}
-    return [where[int(fid)] for fid in order]
 
 
 # -- keeping every worker in step with the store ----------------------------------------------------
