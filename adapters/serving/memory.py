@@ -1,0 +1,557 @@
+"""Feedback in effect at once: a nearest-neighbour memory over labelled feedback embeddings.
+
+Before any retrain, a prediction whose text is close to a labelled feedback example answers with
+that example's label. The memory holds the L2-normalised embeddings (so cosine similarity is a
+dot product) of feedback items with their labels and feedback ids; :meth:`FeedbackMemory.lookup`
+finds, for each row of a batch, the nearest entry, and answers with its label when the similarity
+reaches the threshold. Otherwise the model answers.
+
+Design for the serving hot path (numpy only, no torch):
+
+- Search is exact (one matrix product per batch). Its cost grows linearly with the number of
+  entries (bench/memory_speed.py; BENCHMARKS.md, "Learning from a stream"): about a millisecond
+  for a batch of 64 against a thousand entries, tens of milliseconds against 100,000. The memory
+  stays small because :func:`prune_to_mistakes` keeps, after each promotion, only the entries
+  the new head still gets wrong; a memory meant to hold 100k entries would need an approximate
+  index (e.g. inverted lists over k-means centroids) instead.
+- Reads never take a lock. The state is an immutable snapshot (matrix, ids, labels, row count)
+  replaced by one reference assignment. Appends write into spare rows of the current buffer,
+  which no published snapshot covers, then publish a snapshot with the larger count; removals
+  build compacted copies. Writers serialise on a lock.
+- Two thresholds: one for entries whose label the serving model knows (the memory then competes
+  with a model that is usually right, so it must be very close) and a lower one for labels the
+  model does not have yet (new labels: there the model is always wrong). The nearest entry
+  answers when its similarity reaches the threshold of its own label.
+- :func:`calibrate_threshold` picks both thresholds on held-out feedback by leave-one-out, so
+  that the memory does not lower accuracy; :class:`FeedbackFollower` keeps a worker's memory in step
+  with the store by polling for new feedback (every worker within about one poll interval).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+log = logging.getLogger("refit.memory")
+
+DIM = 384
+DEFAULT_THRESHOLD = 0.9
+"""For labels the model knows, until enough feedback exists to calibrate."""
+DEFAULT_NEW_LABEL_THRESHOLD = 0.75
+"""For labels the model does not know, until enough feedback exists to calibrate."""
+THRESHOLD_FLOOR = 0.85
+"""Calibration never goes below this for known labels: a guard against a small, lucky sample."""
+NEW_LABEL_THRESHOLD_FLOOR = 0.5
+"""Calibration never goes below this for labels the model does not know."""
+MAX_KNOWN_LOSS = 0.005
+"""Calibration accepts no thresholds under which the leave-one-out accuracy on feedback of labels
+the model knows falls by more than this (a gain on new labels must not be paid by old ones)."""
+THRESHOLD_CEILING = 0.98
+"""Calibration never goes above this: a repeat of a labelled text always gets its label."""
+MIN_CALIBRATION_ITEMS = 30
+"""Below this many feedback items, calibration keeps the default thresholds."""
+
+
+@dataclass(frozen=True)
+class MemoryMatches:
+    """What the memory says about each row of a batch.
+
+    ``labels[i]`` is the feedback label when the memory answers row ``i`` (similarity at or above
+    the threshold), else ``None``; ``similarity[i]`` is the cosine similarity of the nearest entry
+    (``-inf`` when the memory is empty) and ``feedback_ids[i]`` its feedback id (``-1`` when the
+    memory does not answer).
+    """
+
+    labels: list[str | None]
+    similarity: np.ndarray
+    feedback_ids: np.ndarray
+
+    @property
+    def answered(self) -> np.ndarray:
+        return self.feedback_ids >= 0
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    matrix: np.ndarray  # [capacity, dim] float32; rows [0, count) are live
+    ids: np.ndarray  # [capacity] int64
+    codes: np.ndarray  # [capacity] int32, index into label_names
+    count: int
+    label_names: tuple[str, ...]
+
+
+class FeedbackMemory:
+    """Labelled feedback embeddings and a thresholded nearest-neighbour lookup.
+
+    ``known_labels`` are the serving model's labels: entries with one of them answer at
+    ``threshold``, entries with any other label at ``new_label_threshold`` (set them again with
+    :meth:`set_known_labels` after a swap). ``neighbours`` is how many of the nearest entries
+    vote: 1 answers with the nearest entry's label; more takes a similarity-weighted vote among
+    the ``neighbours`` nearest entries that reach their threshold.
+    """
+
+    def __init__(
+        self,
+        dim: int = DIM,
+        threshold: float = DEFAULT_THRESHOLD,
+        new_label_threshold: float = DEFAULT_NEW_LABEL_THRESHOLD,
+        known_labels: Iterable[str] = (),
+        neighbours: int = 1,
+    ) -> None:
+        if neighbours < 1:
+            raise ValueError("neighbours must be at least 1")
+        self.dim = dim
+        self.threshold = float(threshold)
+        self.new_label_threshold = float(new_label_threshold)
+        self.known_labels = frozenset(known_labels)
+        self.neighbours = neighbours
+        self._lock = threading.Lock()
+        self._snapshot = _Snapshot(
+            np.zeros((0, dim), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int32), 0, ()
+        )
+
+    def set_known_labels(self, labels: Iterable[str]) -> None:
+        """The serving model's labels (after a swap): they decide which threshold applies."""
+        self.known_labels = frozenset(labels)
+
+    def set_thresholds(self, calibration: Calibration) -> None:
+        self.threshold = calibration.threshold
+        self.new_label_threshold = calibration.new_label_threshold
+
+    def __len__(self) -> int:
+        return self._snapshot.count
+
+    @property
+    def ids(self) -> np.ndarray:
+        """Feedback ids of the live entries, in insertion order."""
+        s = self._snapshot
+        return s.ids[: s.count].copy()
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        s = self._snapshot
+        return s.matrix[: s.count]
+
+    @property
+    def labels(self) -> list[str]:
+        s = self._snapshot
+        return [s.label_names[c] for c in s.codes[: s.count]]
+
+    # -- writes ----------------------------------------------------------------------------------
+
+    def add(self, ids: Sequence[int], embeddings: np.ndarray, labels: Sequence[str]) -> None:
+        """Add entries; an id already present is replaced (a relabelled feedback item)."""
+        vectors = np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1, self.dim)
+        ids_array = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if not len(vectors) == len(ids_array) == len(labels):
+            raise ValueError(
+                f"ids ({len(ids_array)}), embeddings ({len(vectors)}) and labels ({len(labels)}) "
+                "must have the same length"
+            )
+        if len(ids_array) == 0:
+            return
+        # Within one call, the last occurrence of an id wins.
+        _, last = np.unique(ids_array[::-1], return_index=True)
+        keep = np.sort(len(ids_array) - 1 - last)
+        ids_array, vectors = ids_array[keep], vectors[keep]
+        labels = [labels[i] for i in keep]
+        with self._lock:
+            s = self._snapshot
+            if np.isin(ids_array, s.ids[: s.count]).any():
+                s = self._compacted(~np.isin(s.ids[: s.count], ids_array))
+            names = list(s.label_names)
+            index = {name: i for i, name in enumerate(names)}
+            codes = np.empty(len(labels), np.int32)
+            for i, label in enumerate(labels):
+                if label not in index:
+                    index[label] = len(names)
+                    names.append(label)
+                codes[i] = index[label]
+            count, extra = s.count, len(ids_array)
+            matrix, stored_ids, stored_codes = s.matrix, s.ids, s.codes
+            if count + extra > len(matrix):
+                capacity = max(64, 2 * (count + extra))
+                matrix = np.zeros((capacity, self.dim), np.float32)
+                stored_ids = np.full(capacity, -1, np.int64)
+                stored_codes = np.zeros(capacity, np.int32)
+                matrix[:count] = s.matrix[:count]
+                stored_ids[:count] = s.ids[:count]
+                stored_codes[:count] = s.codes[:count]
+            # Rows past ``count`` belong to no published snapshot: readers never see them
+            # half-written.
+            matrix[count : count + extra] = vectors
+            stored_ids[count : count + extra] = ids_array
+            stored_codes[count : count + extra] = codes
+            self._snapshot = _Snapshot(
+                matrix, stored_ids, stored_codes, count + extra, tuple(names)
+            )
+
+    def remove(self, ids: Iterable[int]) -> int:
+        """Remove entries by feedback id (deleted feedback); returns how many were removed."""
+        gone = np.asarray(list(ids), dtype=np.int64)
+        with self._lock:
+            s = self._snapshot
+            keep = ~np.isin(s.ids[: s.count], gone)
+            removed = int(s.count - keep.sum())
+            if removed:
+                self._snapshot = self._compacted(keep)
+        return removed
+
+    def remove_matching(self, labels_by_id: dict[int, str]) -> int:
+        """Remove the entries whose label equals ``labels_by_id[their id]``; returns how many.
+
+        Decided on the state at the time of the call, under the writers' lock, so a concurrent
+        add, relabel or removal can never misalign it.
+        """
+        with self._lock:
+            s = self._snapshot
+            names = s.label_names
+            keep = np.array(
+                [labels_by_id.get(fid) != names[code]
+                 for fid, code in zip(s.ids[: s.count].tolist(), s.codes[: s.count].tolist())],
+                dtype=bool,
+            )
+            removed = int(s.count - keep.sum())
+            if removed:
+                self._snapshot = self._compacted(keep)
+        return removed
+
+    def retain_only(self, mask: np.ndarray) -> int:
+        """Keep the entries where ``mask`` (aligned with :attr:`ids`) is true; returns removals.
+
+        The mask must come from the snapshot it was computed on: entries added in between are
+        kept (their rows lie past the mask's length).
+        """
+        mask = np.asarray(mask, dtype=bool)
+        with self._lock:
+            s = self._snapshot
+            if len(mask) > s.count:
+                raise ValueError(f"mask has {len(mask)} rows; the memory has {s.count}")
+            keep = np.ones(s.count, dtype=bool)
+            keep[: len(mask)] = mask
+            removed = int(s.count - keep.sum())
+            if removed:
+                self._snapshot = self._compacted(keep)
+        return removed
+
+    def clear(self) -> None:
+        with self._lock:
+            self._snapshot = self._compacted(np.zeros(self._snapshot.count, dtype=bool))
+
+    def _compacted(self, keep: np.ndarray) -> _Snapshot:
+        """A fresh snapshot of the kept rows (new buffers: readers of the old one are unaffected)."""
+        s = self._snapshot
+        rows = np.flatnonzero(keep)
+        return _Snapshot(
+            np.ascontiguousarray(s.matrix[rows]), s.ids[rows].copy(), s.codes[rows].copy(),
+            len(rows), s.label_names,
+        )
+
+    # -- reads -----------------------------------------------------------------------------------
+
+    def lookup(self, embeddings: np.ndarray) -> MemoryMatches:
+        """The memory's answer for each row of ``embeddings`` (L2-normalised, ``[n, dim]``)."""
+        s = self._snapshot  # read once: the whole batch sees one state
+        queries = np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1, self.dim)
+        n = len(queries)
+        if s.count == 0 or n == 0:
+            return MemoryMatches([None] * n, np.full(n, -np.inf, np.float32), np.full(n, -1))
+        entry_thresholds = self._thresholds(s)
+        similarity = queries @ s.matrix[: s.count].T
+        rows = np.arange(n)
+        nearest = similarity.argmax(axis=1)
+        best = similarity[rows, nearest]
+        codes = s.codes[nearest]
+        # The nearest entry decides whether the memory answers at all: a farther entry of a new
+        # label never overrides a nearer one of a known label that was not close enough.
+        answered = best >= entry_thresholds[codes]
+        feedback_ids = np.where(answered, s.ids[nearest], -1)
+        if self.neighbours > 1 and answered.any():
+            codes = codes.copy()
+            live = s.codes[: s.count]
+            for i in np.flatnonzero(answered):
+                codes[i] = _weighted_vote(similarity[i], live, entry_thresholds[live], self.neighbours)
+        labels = [s.label_names[c] if a else None for c, a in zip(codes.tolist(), answered)]
+        return MemoryMatches(labels, best, feedback_ids)
+
+    def _thresholds(self, s: _Snapshot) -> np.ndarray:
+        """Each label code's threshold."""
+        return np.array(
+            [self.threshold if name in self.known_labels else self.new_label_threshold
+             for name in s.label_names],
+            dtype=np.float32,
+        )
+
+
+def _weighted_vote(
+    similarity: np.ndarray, codes: np.ndarray, thresholds: np.ndarray, k: int
+) -> int:
+    """The label with the largest summed similarity among the ``k`` nearest entries that reach
+    their own threshold."""
+    k = min(k, len(similarity))
+    top = np.argpartition(-similarity, k - 1)[:k]
+    top = top[similarity[top] >= thresholds[top]]
+    votes = np.bincount(codes[top], weights=similarity[top])
+    return int(votes.argmax())
+
+
+# -- after a promotion ---------------------------------------------------------------------------
+
+
+def prune_to_mistakes(memory: FeedbackMemory, ids: Sequence[int], predicted: Sequence[str]) -> int:
+    """Keep only the entries the new head still gets wrong; returns how many were removed.
+
+    ``predicted[i]`` is the new head's label for the entry with feedback id ``ids[i]``. Entries
+    it did not predict (added since) are kept: the new head never saw them.
+    """
+    return memory.remove_matching(dict(zip((int(i) for i in ids), predicted)))
+
+
+# -- threshold calibration ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibrated thresholds and the leave-one-out evidence for them."""
+
+    threshold: float
+    """For entries whose label the model knows."""
+    new_label_threshold: float
+    """For entries whose label the model does not know."""
+    items: int
+    model_accuracy: float | None
+    """Accuracy of the model alone on the calibration items."""
+    combined_accuracy: float | None
+    """Leave-one-out accuracy of (memory if its nearest entry is close enough, else model)."""
+    answered: int
+    """How many calibration items the memory answered at these thresholds."""
+    reason: str
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "threshold": self.threshold, "new_label_threshold": self.new_label_threshold,
+            "items": self.items, "model_accuracy": self.model_accuracy,
+            "combined_accuracy": self.combined_accuracy, "answered": self.answered,
+            "reason": self.reason,
+        }
+
+
+def calibrate_threshold(
+    embeddings: np.ndarray,
+    labels: Sequence[str],
+    model_predictions: Sequence[str],
+    known_labels: Iterable[str],
+    *,
+    floor: float = THRESHOLD_FLOOR,
+    new_label_floor: float = NEW_LABEL_THRESHOLD_FLOOR,
+    ceiling: float = THRESHOLD_CEILING,
+    default: float = DEFAULT_THRESHOLD,
+    new_label_default: float = DEFAULT_NEW_LABEL_THRESHOLD,
+    max_known_loss: float = MAX_KNOWN_LOSS,
+    min_items: int = MIN_CALIBRATION_ITEMS,
+    step: float = 0.005,
+) -> Calibration:
+    """The thresholds that maximise leave-one-out accuracy of memory-or-model on feedback.
+
+    Each item is looked up against all the others: at thresholds ``(t, t_new)`` it is answered
+    by its nearest other item when their similarity reaches ``t`` (that item's label is one of
+    ``known_labels``, the model's) or ``t_new`` (it is not), else by the model, whose prediction
+    for it is ``model_predictions[i]``. Every pair of candidate thresholds (``t`` from ``floor``,
+    ``t_new`` from ``new_label_floor``, both up to ``ceiling`` in ``step``) is scored; pairs that
+    lower the accuracy on items of known labels by more than ``max_known_loss`` are excluded;
+    the most correct answers win, ties going to the higher (more cautious) thresholds. Where
+    nothing beats the model, the ceiling is kept: the memory then only repeats the labels of
+    (near) duplicates. With fewer than ``min_items`` items, the defaults.
+    """
+    vectors = np.ascontiguousarray(embeddings, dtype=np.float32)
+    n = len(vectors)
+    if not n == len(labels) == len(model_predictions):
+        raise ValueError("embeddings, labels and model_predictions must have the same length")
+    if n < min_items:
+        return Calibration(default, new_label_default, n, None, None, 0,
+                           f"{n} feedback items; at least {min_items} are needed to calibrate")
+    known = frozenset(known_labels)
+    truth = np.array(labels, dtype=object)
+    model_correct = np.array(model_predictions, dtype=object) == truth
+    nearest = np.empty(n, np.int64)
+    similarity = np.empty(n, np.float32)
+    for start in range(0, n, 1024):  # blocks: an n x n matrix of 10k items would be 400 MB
+        block = vectors[start : start + 1024] @ vectors.T
+        block[np.arange(len(block)), np.arange(start, start + len(block))] = -np.inf
+        nearest[start : start + len(block)] = block.argmax(axis=1)
+        similarity[start : start + len(block)] = block.max(axis=1)
+    memory_correct = truth[nearest] == truth
+    neighbour_known = np.array([label in known for label in truth[nearest]])
+    item_known = np.array([label in known for label in truth])
+    gain = memory_correct.astype(int) - model_correct.astype(int)
+
+    def table(group: np.ndarray, low: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per candidate threshold (descending): the gain over the model within ``group``, and
+        the part of it on items of known labels."""
+        ts = np.round(np.arange(ceiling, low - step / 2, -step), 6)
+        above = similarity[None, :] >= ts[:, None]
+        in_group = above & group[None, :]
+        return ts, (in_group * gain).sum(axis=1), (in_group * (gain * item_known)).sum(axis=1)
+
+    t1, g1, k1 = table(neighbour_known, floor)
+    t2, g2, k2 = table(~neighbour_known, new_label_floor)
+    total = g1[:, None] + g2[None, :]
+    known_change = k1[:, None] + k2[None, :]
+    allowed = known_change >= -max_known_loss * max(1, int(item_known.sum()))
+    total = np.where(allowed, total, np.iinfo(np.int64).min)
+    # Candidates run from the ceiling down, so the first maximum has the highest thresholds.
+    i, j = np.unravel_index(int(np.argmax(total)), total.shape)
+    if total[i, j] <= 0:
+        i, j = 0, 0
+    t_known, t_new = float(t1[i]), float(t2[j])
+    answered = np.where(neighbour_known, similarity >= t_known, similarity >= t_new)
+    combined = np.where(answered, memory_correct, model_correct)
+    reason = (
+        "leave-one-out accuracy of memory-or-model is highest at these thresholds"
+        if total[i, j] > 0
+        else "no thresholds beat the model alone: only near-duplicates are answered"
+    )
+    return Calibration(t_known, t_new, n, float(model_correct.mean()), float(combined.mean()),
+                       int(answered.sum()), reason)
+
+
+def rebuilt_memory(
+    ids: Sequence[int],
+    embeddings: np.ndarray,
+    labels: Sequence[str],
+    predicted: Sequence[str],
+    known_labels: Iterable[str],
+) -> tuple[FeedbackMemory, Calibration]:
+    """The memory for a newly served model, from all feedback so far.
+
+    ``embeddings`` and ``predicted`` are the new model's embeddings of the feedback texts and its
+    labels for them (one ONNX run over the texts gives both). Thresholds are calibrated on all
+    items first; then only the entries the model gets wrong are kept. A head that trained on most
+    of this feedback looks better on it than on new traffic, so the thresholds come out higher
+    (more cautious) than on held-out feedback alone.
+    """
+    known = list(known_labels)
+    calibration = calibrate_threshold(embeddings, labels, predicted, known)
+    memory = FeedbackMemory(
+        dim=embeddings.shape[1] if embeddings.ndim == 2 and len(embeddings) else DIM,
+        threshold=calibration.threshold,
+        new_label_threshold=calibration.new_label_threshold,
+        known_labels=known,
+    )
+    memory.add(ids, embeddings, labels)
+    prune_to_mistakes(memory, ids, predicted)
+    return memory, calibration
+
+
+# -- keeping every worker in step with the store ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FeedbackChange:
+    """One feedback row as the store reports it to a follower.
+
+    ``sequence`` orders changes (the feedback id for inserts; a store that also reports relabels
+    and deletions gives them a larger sequence number). ``label`` is ``None`` for a deleted item.
+    ``embedding`` is ``None`` when the store has none from the serving encoder (feedback given as
+    text): the follower embeds ``text`` then.
+    """
+
+    sequence: int
+    feedback_id: int
+    label: str | None
+    text: str
+    embedding: np.ndarray | None = None
+
+
+FetchChanges = Callable[[int], Sequence[FeedbackChange]]
+"""Changes with a sequence number greater than the argument, in sequence order."""
+EmbedTexts = Callable[[list[str]], np.ndarray]
+
+
+class FeedbackFollower:
+    """Polls the store for feedback changes and applies them to a memory.
+
+    ``fetch(cursor)`` returns the changes after ``cursor``; ``embed(texts)`` embeds texts that
+    came without an embedding, with the serving model's encoder. :meth:`poll` applies one round
+    and is what tests call; :meth:`start` runs it every ``interval_s`` on a daemon thread, so a
+    change reaches the memory of every worker within about one interval plus the embedding time.
+    """
+
+    def __init__(
+        self,
+        memory: FeedbackMemory,
+        fetch: FetchChanges,
+        embed: EmbedTexts,
+        interval_s: float = 0.5,
+        cursor: int = 0,
+    ) -> None:
+        self.memory = memory
+        self.fetch = fetch
+        self.embed = embed
+        self.interval_s = interval_s
+        self.cursor = cursor
+        self._round = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def replace(self, memory: FeedbackMemory, cursor: int) -> None:
+        """Follow ``memory`` from ``cursor`` on (a memory rebuilt for a new model from every change
+        up to ``cursor``). Waits for a round in progress, so none of its changes is lost."""
+        with self._round:
+            self.memory = memory
+            self.cursor = cursor
+
+    def poll(self) -> int:
+        """Fetch and apply the changes since the cursor; returns how many were applied."""
+        with self._round:
+            return self._poll()
+
+    def _poll(self) -> int:
+        changes = list(self.fetch(self.cursor))
+        if not changes:
+            return 0
+        # The latest change of an id wins: a deletion after an insert removes it.
+        latest: dict[int, FeedbackChange] = {}
+        for change in changes:
+            latest[change.feedback_id] = change
+        deleted = [fid for fid, c in latest.items() if c.label is None]
+        kept = [c for c in latest.values() if c.label is not None]
+        missing = [c for c in kept if c.embedding is None]
+        vectors: dict[int, np.ndarray] = {
+            c.feedback_id: np.asarray(c.embedding, np.float32) for c in kept if c.embedding is not None
+        }
+        if missing:
+            computed = self.embed([c.text for c in missing])
+            for change, vector in zip(missing, computed):
+                vectors[change.feedback_id] = vector
+        if deleted:
+            self.memory.remove(deleted)
+        if kept:
+            self.memory.add(
+                [c.feedback_id for c in kept],
+                np.stack([vectors[c.feedback_id] for c in kept]),
+                [c.label for c in kept if c.label is not None],
+            )
+        # Advance only after applying: a failed round is retried from the same cursor.
+        self.cursor = max(c.sequence for c in changes)
+        return len(changes)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="feedback-follower", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.poll()
+            except Exception:
+                log.exception("feedback follower poll failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)

@@ -1,0 +1,531 @@
+"""Learning from a stream: a labelled data set replayed as traffic, with feedback, memory, retrains.
+
+This is an in-process simulation of the service's loop (predict, take feedback, retrain, promote),
+the honest test of "learns in production" (issue 9). Real code: the head is trained by the
+functions the retrain job and ``refit train`` use (``adapters.training.search.search_head`` for
+the first version's configuration, ``adapters.training.head.train_head`` for every head), the
+feedback memory is ``adapters.serving.memory`` (lookup, leave-one-out calibration, pruning after
+a promotion). Simulated: the traffic (the data set, replayed), the users' feedback (a fraction of
+the predictions, a few of them wrongly labelled), and the retrain job's data recipe, rebuilt here
+from ``adapters/training/retrain.py``: replay of up to 5000 rows of the champion's training data
+plus all feedback so far, less a held-out fifth (by a hash of the feedback id), 15% of the rest
+for validation, warm start from the champion's head, new labels grow the head. Not simulated: the
+gate (every retrain is promoted), the encoder (embeddings come from bench/datasets.py's cache,
+the same frozen encoder), time (a retrain takes effect at the next chunk).
+
+The stream. From a data set's labels, ``--new-labels`` are drawn (seeded) that the first model
+never sees. The traffic is the test split of the other labels, spread over all chunks, plus the
+train and validation rows of the new labels, spread over the chunks from ``--new-from-chunk`` on.
+The new labels' test rows are never in the traffic: they are the probe set on which each new
+label's recall is measured after every batch. Predictions go in batches of 32; a fraction
+(``--feedback-rate``) gets feedback right after its batch, with a wrong label (another known
+label) at ``--wrong-rate``. A retrain starts once ``--retrain-after`` new feedback items have
+arrived and serves from the next chunk on.
+
+Four ways of serving the same stream:
+- never: the first model, never adapted;
+- memory: the first model, with the feedback memory (all feedback, thresholds recalibrated at
+  every chunk on all feedback by leave-one-out);
+- retrain: every retrain promoted, no memory;
+- both: retrains and the memory; after each promotion the memory keeps only the entries the new
+  head gets wrong, and is calibrated on the feedback the serving head never trained on.
+
+    .venv/bin/python bench/stream.py [--datasets hwu64 banking77] [--search grid|none]
+
+Writes bench/figures/stream-<dataset>.png, bench/results/stream-<dataset>.json, and prints the
+markdown tables that BENCHMARKS.md carries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from adapters.serving.data import stratified_indices
+from adapters.serving.memory import (
+    Calibration,
+    FeedbackMemory,
+    calibrate_threshold,
+    prune_to_mistakes,
+)
+from bench.common import ROOT, save
+from bench.datasets import Benchmark, load
+
+FIGURES = ROOT / "bench" / "figures"
+ARMS = ("never", "memory", "retrain", "both")
+TARGET_RECALL = 0.6
+# What adapters/training/retrain.py does (settings defaults and module constants).
+REPLAY_ROWS = 5000
+HOLDOUT_FRACTION = 0.2
+LARGE_BATCH = 512
+LARGE_BATCH_FROM = 4096
+WARM_PATIENCE = 8
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    chunks: int = 20
+    new_labels: int = 3
+    new_from_chunk: int = 5
+    feedback_rate: float = 0.2
+    wrong_rate: float = 0.05
+    retrain_after: int = 100
+    batch_size: int = 32
+    search: str = "grid"
+    seed: int = 0
+
+
+@dataclass
+class Version:
+    """A served head and what the registry's version folder would hold: its training data."""
+
+    name: str
+    head: Any
+    labels: list[str]
+    config: Any
+    x_train: np.ndarray
+    y_train: list[str]
+    x_val: np.ndarray
+    y_val: list[str]
+    trained_on: set[int] = field(default_factory=set)
+    """Feedback ids in its training or validation data (directly, or through replay)."""
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        from adapters.training.head import head_probabilities
+
+        if len(x) == 0:
+            return np.array([], dtype=object)
+        return np.array(self.labels, dtype=object)[head_probabilities(self.head, x).argmax(axis=1)]
+
+
+def encode(labels: list[str], names: list[str]) -> np.ndarray:
+    index = {label: i for i, label in enumerate(names)}
+    return np.array([index[label] for label in labels])
+
+
+def first_version(bench: Benchmark, old: list[str], options: StreamOptions) -> Version:
+    """``refit train`` on the old labels: search the head's configuration, then train it."""
+    from adapters.training.head import HeadConfig, train_head
+    from adapters.training.search import SearchOptions, search_head
+
+    keep_t = np.array([label in set(old) for label in bench.train.labels])
+    keep_v = np.array([label in set(old) for label in bench.validation.labels])
+    x_train, y_train = bench.x_train[keep_t], list(np.array(bench.train.labels)[keep_t])
+    x_val, y_val = bench.x_validation[keep_v], list(np.array(bench.validation.labels)[keep_v])
+    yt, yv = encode(y_train, old), encode(y_val, old)
+    config = HeadConfig()
+    if options.search != "none":
+        config = search_head(
+            x_train, yt, x_val, yv, len(old), config, SearchOptions(options.search), options.seed
+        ).best
+    trained = train_head(x_train, yt, x_val, yv, len(old), config, options.seed)
+    return Version("v1", trained.head, list(old), config, x_train, y_train, x_val, y_val)
+
+
+def holdout_mask(ids: list[int], labels: list[str], fraction: float) -> np.ndarray:
+    """The retrain job's held-out feedback: per label, the ``fraction`` with the smallest id hash."""
+    mask = np.zeros(len(ids), dtype=bool)
+    by_label: dict[str, list[int]] = {}
+    for position, label in enumerate(labels):
+        by_label.setdefault(label, []).append(position)
+    for members in by_label.values():
+        if len(members) < 2:
+            continue
+        ranked = sorted(members, key=lambda p: hashlib.sha256(str(ids[p]).encode()).digest())
+        count = min(len(members) - 1, max(1, round(len(members) * fraction)))
+        mask[ranked[:count]] = True
+    return mask
+
+
+def retrain(
+    champion: Version, ids: list[int], x: np.ndarray, labels: list[str], name: str, seed: int
+) -> tuple[Version, dict[str, Any]]:
+    """The retrain job's recipe on all feedback so far (see adapters/training/retrain.py)."""
+    from adapters.training.head import train_head
+
+    names = sorted(set(champion.labels) | set(labels))
+    held = holdout_mask(ids, labels, HOLDOUT_FRACTION)
+    fb_train = np.flatnonzero(~held)
+    fit_idx, val_idx = stratified_indices([labels[p] for p in fb_train], 0.15, seed)
+    fb_fit, fb_val = fb_train[fit_idx], fb_train[val_idx]
+    rng = np.random.default_rng(seed)
+    replay_n = min(REPLAY_ROWS, len(champion.y_train))
+    replay = np.sort(rng.choice(len(champion.y_train), replay_n, replace=False))
+    x_train = np.concatenate([champion.x_train[replay], x[fb_fit]])
+    y_train = [champion.y_train[i] for i in replay] + [labels[p] for p in fb_fit]
+    x_val = np.concatenate([champion.x_val, x[fb_val]])
+    y_val = champion.y_val + [labels[p] for p in fb_val]
+    config = champion.config
+    if len(y_train) >= LARGE_BATCH_FROM:
+        scale = (LARGE_BATCH / config.batch_size) ** 0.5
+        config = config.with_overrides(
+            batch_size=LARGE_BATCH, learning_rate=config.learning_rate * scale
+        )
+    index = {label: i for i, label in enumerate(names)}
+    warm_start = (champion.head, [index[label] for label in champion.labels])
+    config = config.with_overrides(patience=min(config.patience, WARM_PATIENCE))
+    started = time.perf_counter()
+    trained = train_head(
+        x_train, encode(y_train, names), x_val, encode(y_val, names), len(names), config, seed,
+        warm_start=warm_start,
+    )
+    version = Version(
+        name, trained.head, names, champion.config, x_train, y_train, x_val, y_val,
+        trained_on=champion.trained_on | {ids[p] for p in fb_train},
+    )
+    record = {
+        "version": name, "feedback": len(ids), "held_out": int(held.sum()),
+        "labels": len(names), "train_rows": len(y_train),
+        "best_epoch": trained.best_epoch, "seconds": round(time.perf_counter() - started, 2),
+    }
+    return version, record
+
+
+@dataclass
+class Stream:
+    """The traffic: embeddings and labels in arrival order, each row's chunk, the probe sets."""
+
+    x: np.ndarray
+    labels: list[str]
+    chunk: np.ndarray
+    new_labels: list[str]
+    old_labels: list[str]
+    probes: dict[str, np.ndarray]
+
+
+def build_stream(bench: Benchmark, options: StreamOptions) -> Stream:
+    rng = np.random.default_rng(options.seed)
+    counts = {label: bench.train.labels.count(label) for label in bench.labels}
+    test_counts = {label: bench.test.labels.count(label) for label in bench.labels}
+    # New labels need enough rows to give ~20 feedback items and a probe set.
+    eligible = sorted(l for l in bench.labels if counts[l] >= 80 and test_counts[l] >= 15)
+    new = sorted(rng.choice(eligible, options.new_labels, replace=False).tolist())
+    old = [label for label in bench.labels if label not in set(new)]
+    test_labels = np.array(bench.test.labels)
+    is_new_test = np.isin(test_labels, new)
+    old_x, old_y = bench.x_test[~is_new_test], test_labels[~is_new_test]
+    pool_labels = np.array(list(bench.train.labels) + list(bench.validation.labels))
+    pool_x = np.concatenate([bench.x_train, bench.x_validation])
+    new_rows = np.flatnonzero(np.isin(pool_labels, new))
+    new_x, new_y = pool_x[new_rows], pool_labels[new_rows]
+    # Old traffic fills every chunk evenly; new traffic the chunks from new_from_chunk on.
+    old_chunk = rng.permutation(np.arange(len(old_y)) * options.chunks // len(old_y))
+    span = options.chunks - options.new_from_chunk
+    new_chunk = options.new_from_chunk + rng.permutation(np.arange(len(new_y)) * span // len(new_y))
+    x = np.concatenate([old_x, new_x])
+    labels = np.concatenate([old_y, new_y])
+    chunk = np.concatenate([old_chunk, new_chunk])
+    order = np.lexsort((rng.random(len(chunk)), chunk))  # by chunk, shuffled within
+    probes = {label: bench.x_test[test_labels == label] for label in new}
+    return Stream(x[order], labels[order].tolist(), chunk[order], new, old, probes)
+
+
+def calibrated(
+    memory: FeedbackMemory, version: Version, x: np.ndarray, labels: list[str], ids: list[int]
+) -> Calibration:
+    """Calibrate on the feedback the serving head never trained on (held out or newer)."""
+    unseen = [i for i, fid in enumerate(ids) if fid not in version.trained_on]
+    calibration = calibrate_threshold(
+        x[unseen], [labels[i] for i in unseen], list(version.predict(x[unseen])), version.labels
+    )
+    memory.set_thresholds(calibration)
+    memory.set_known_labels(version.labels)
+    return calibration
+
+
+def run(name: str, options: StreamOptions) -> dict[str, Any]:
+    bench = load(name)
+    stream = build_stream(bench, options)
+    rng = np.random.default_rng(options.seed + 1)
+    started = time.perf_counter()
+    v1 = first_version(bench, stream.old_labels, options)
+    print(f"{name}: new labels {stream.new_labels}; {len(stream.labels)} predictions; "
+          f"first version in {time.perf_counter() - started:.0f}s", flush=True)
+    versions = {"never": v1, "memory": v1, "retrain": v1, "both": v1}
+    memories = {
+        "memory": FeedbackMemory(known_labels=v1.labels),
+        "both": FeedbackMemory(known_labels=v1.labels),
+        # Not plotted: the memory arm with a similarity-weighted vote of the 5 nearest entries.
+        "memory-vote": FeedbackMemory(known_labels=v1.labels, neighbours=5),
+    }
+    n = len(stream.labels)
+    truth = np.array(stream.labels, dtype=object)
+    correct = {arm: np.zeros(n, dtype=bool) for arm in (*ARMS, "memory-vote")}
+    from_memory = {arm: np.zeros(n, dtype=bool) for arm in memories}
+    fb_ids: list[int] = []
+    fb_x_rows: list[int] = []
+    fb_labels: list[str] = []
+    wrong_feedback = 0
+    since_retrain = 0
+    pending: Version | None = None
+    retrains: list[dict[str, Any]] = []
+    calibrations: list[dict[str, Any]] = []
+    seen_labels = set(stream.old_labels)
+    label_seen = {label: 0 for label in stream.new_labels}
+    label_feedback = {label: 0 for label in stream.new_labels}
+    timeline: list[dict[str, Any]] = []
+    probe_cache: dict[tuple[str, str], np.ndarray] = {}
+
+    def probe_recall(arm: str) -> dict[str, float]:
+        version = versions["memory" if arm == "memory-vote" else arm]
+        out = {}
+        for label, px in stream.probes.items():
+            key = (version.name, label)
+            if key not in probe_cache:
+                probe_cache[key] = version.predict(px)
+            answer = probe_cache[key].copy()
+            if arm in memories:
+                matches = memories[arm].lookup(px)
+                hit = matches.answered
+                answer[hit] = np.array(matches.labels, dtype=object)[hit]
+            out[label] = float((answer == label).mean())
+        return out
+
+    for c in range(options.chunks):
+        if pending is not None:  # the retrain finished: promote it from this chunk on
+            versions["retrain"] = versions["both"] = pending
+            ids_now = memories["both"].ids
+            x_now = memories["both"].embeddings.copy()
+            removed = prune_to_mistakes(memories["both"], ids_now, list(pending.predict(x_now)))
+            retrains[-1].update(chunk=c, memory_pruned=removed,
+                                memory_left=len(memories["both"]))
+            pending = None
+        if fb_ids:
+            fb_x = stream.x[fb_x_rows]
+            record: dict[str, Any] = {"chunk": c}
+            for arm in ("memory", "both"):
+                cal = calibrated(memories[arm], versions[arm], fb_x, fb_labels, fb_ids)
+                record[arm] = cal.to_dict()
+            memories["memory-vote"].set_thresholds(
+                Calibration(**{k: v for k, v in record["memory"].items()}))
+            calibrations.append(record)
+        rows = np.flatnonzero(stream.chunk == c)
+        for start in range(0, len(rows), options.batch_size):
+            batch = rows[start : start + options.batch_size]
+            xb = stream.x[batch]
+            for arm in (*ARMS, "memory-vote"):
+                version = versions["memory" if arm == "memory-vote" else arm]
+                answer = version.predict(xb)
+                if arm in memories:
+                    matches = memories[arm].lookup(xb)
+                    answer[matches.answered] = np.array(matches.labels, dtype=object)[matches.answered]
+                    from_memory[arm][batch] = matches.answered
+                correct[arm][batch] = answer == truth[batch]
+            # Feedback on a fraction of the batch, in effect at once.
+            given = batch[rng.random(len(batch)) < options.feedback_rate]
+            new_ids, new_labels = [], []
+            for row in given:
+                label = stream.labels[row]
+                if rng.random() < options.wrong_rate:
+                    label = str(rng.choice(sorted(seen_labels - {label})))
+                    wrong_feedback += 1
+                fb_ids.append(len(fb_ids) + 1)
+                fb_x_rows.append(int(row))
+                fb_labels.append(label)
+                new_ids.append(fb_ids[-1])
+                new_labels.append(label)
+                if stream.labels[row] in label_feedback:
+                    label_feedback[stream.labels[row]] += 1
+            for row in batch:
+                if stream.labels[row] in label_seen:
+                    label_seen[stream.labels[row]] += 1
+                    seen_labels.add(stream.labels[row])
+            if new_ids:
+                for memory in memories.values():
+                    memory.add(new_ids, stream.x[given], new_labels)
+            since_retrain += len(new_ids)
+            timeline.append({
+                "chunk": c,
+                "predictions": int(batch[-1] + 1),
+                "seen": dict(label_seen), "feedback": dict(label_feedback),
+                "recall": {arm: probe_recall(arm) for arm in (*ARMS, "memory-vote")},
+            })
+            if since_retrain >= options.retrain_after and pending is None:
+                pending, info = retrain(
+                    versions["retrain"], fb_ids, stream.x[fb_x_rows], fb_labels,
+                    f"v{len(retrains) + 2}", options.seed,
+                )
+                info["after_prediction"] = int(batch[-1] + 1)
+                retrains.append(info)
+                print(f"  retrain {info}", flush=True)
+                since_retrain = 0
+
+    is_new = np.isin(truth, stream.new_labels)
+    per_chunk = []
+    for c in range(options.chunks):
+        in_chunk = stream.chunk == c
+        entry: dict[str, Any] = {"chunk": c, "predictions": int(in_chunk.sum()),
+                                 "new_label_share": round(float(is_new[in_chunk].mean()), 3)}
+        for arm in (*ARMS, "memory-vote"):
+            entry[arm] = {
+                "accuracy": float(correct[arm][in_chunk].mean()),
+                "old": float(correct[arm][in_chunk & ~is_new].mean()),
+                "new": float(correct[arm][in_chunk & is_new].mean()) if (in_chunk & is_new).any()
+                else None,
+            }
+        per_chunk.append(entry)
+    summary = {
+        arm: {
+            "accuracy": float(correct[arm].mean()),
+            "old": float(correct[arm][~is_new].mean()),
+            "new": float(correct[arm][is_new].mean()),
+            "answered_by_memory": float(from_memory[arm].mean()) if arm in from_memory else 0.0,
+            "last_5_chunks": float(correct[arm][stream.chunk >= options.chunks - 5].mean()),
+        }
+        for arm in (*ARMS, "memory-vote")
+    }
+    reach = {}
+    for arm in (*ARMS, "memory-vote"):
+        reach[arm] = {}
+        for label in stream.new_labels:
+            hit = next((t for t in timeline if t["recall"][arm][label] >= TARGET_RECALL), None)
+            reach[arm][label] = None if hit is None else {
+                "feedback": hit["feedback"][label], "predictions": hit["seen"][label],
+                "stream_predictions": hit["predictions"],
+            }
+    result = {
+        "dataset": name,
+        "options": asdict(options),
+        "first_version_config": asdict(v1.config),
+        "new_labels": stream.new_labels,
+        "predictions": n,
+        "feedback": len(fb_ids),
+        "wrong_feedback": wrong_feedback,
+        "feedback_per_new_label": label_feedback,
+        "probe_rows": {label: len(px) for label, px in stream.probes.items()},
+        "summary": summary,
+        "per_chunk": per_chunk,
+        "reach_recall_0_6": reach,
+        "retrains": retrains,
+        "calibrations": calibrations,
+        "timeline": timeline,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    save(f"stream-{name}", result)
+    plot(result, FIGURES / f"stream-{name}.png")
+    return result
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"never": "#777777", "memory": "#1f77b4", "retrain": "#ff7f0e", "both": "#2ca02c"}
+    chunks = [e["chunk"] for e in result["per_chunk"]]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for arm in ARMS:
+        axes[0].plot(chunks, [e[arm]["accuracy"] for e in result["per_chunk"]], "o-",
+                     color=colours[arm], label=arm, markersize=3)
+        axes[1].plot(chunks, [e[arm]["old"] for e in result["per_chunk"]], "o-",
+                     color=colours[arm], label=arm, markersize=3)
+        xs = [t["predictions"] for t in result["timeline"]]
+        ys = [np.mean(list(t["recall"][arm].values())) for t in result["timeline"]]
+        axes[2].plot(xs, ys, "-", color=colours[arm], label=arm)
+    new_from = result["options"]["new_from_chunk"]
+    for ax in axes[:2]:
+        ax.axvline(new_from - 0.5, color="k", linestyle=":", linewidth=1)
+        ax.set_xlabel("chunk")
+        ax.grid(alpha=0.3)
+    for r in result["retrains"]:
+        if "chunk" in r:
+            for ax in axes[:2]:
+                ax.axvline(r["chunk"] - 0.5, color=colours["retrain"], alpha=0.3, linewidth=3)
+    axes[0].set_title("accuracy per chunk (all traffic)")
+    axes[1].set_title("accuracy per chunk, old labels only")
+    axes[2].axhline(TARGET_RECALL, color="k", linestyle=":", linewidth=1)
+    axes[2].set_title("new labels: mean recall on held-out probes")
+    axes[2].set_xlabel("predictions served")
+    axes[2].set_ylim(-0.02, 1.02)
+    axes[2].grid(alpha=0.3)
+    axes[0].legend(loc="lower left")
+    fig.suptitle(
+        f"{result['dataset']}: {result['predictions']} predictions in "
+        f"{result['options']['chunks']} chunks, new labels from chunk {new_from} "
+        f"({', '.join(result['new_labels'])}), feedback on "
+        f"{result['options']['feedback_rate']:.0%} ({result['options']['wrong_rate']:.0%} wrong)",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    s = result["summary"]
+    lines = [
+        (f"**{result['dataset']}**: {result['predictions']} predictions, {result['feedback']} "
+        f"feedback items ({result['wrong_feedback']} wrongly labelled), new labels "
+        f"{', '.join(f'`{l}`' for l in result['new_labels'])} from chunk "
+        f"{result['options']['new_from_chunk']}, {len(result['retrains'])} retrains."),
+        "",
+        "| | never | memory | retrain | both | memory, 5-NN vote |",
+        "|---|---|---|---|---|---|",
+    ]
+    arms = (*ARMS, "memory-vote")
+    for key, title in (("accuracy", "accuracy, whole stream"), ("old", "old labels"),
+                       ("new", "new labels (in-stream recall)"),
+                       ("last_5_chunks", "accuracy, last 5 chunks"),
+                       ("answered_by_memory", "answered by the memory")):
+        lines.append(f"| {title} | " + " | ".join(f"{s[a][key]:.4f}" for a in arms) + " |")
+    lines += ["", ("Feedback items of the label (and predictions of it) until its recall on "
+                   "held-out probes first reaches 0.6; then the memory arm's recall once the "
+                   "label has had 20 feedback items, and every arm's recall at the end:"), "",
+              "| new label | " + " | ".join(arms) + " | memory at 20 | end: "
+              + " / ".join(ARMS) + " |", "|---" * (len(arms) + 3) + "|"]
+    for label in result["new_labels"]:
+        cells = []
+        for arm in arms:
+            hit = result["reach_recall_0_6"][arm][label]
+            cells.append("never" if hit is None else f"{hit['feedback']} ({hit['predictions']})")
+        at_20 = next((t for t in result["timeline"] if t["feedback"][label] >= 20), None)
+        cells.append("-" if at_20 is None else f"{at_20['recall']['memory'][label]:.2f}")
+        end = result["timeline"][-1]["recall"]
+        cells.append(" / ".join(f"{end[arm][label]:.2f}" for arm in ARMS))
+        lines.append(f"| `{label}` | " + " | ".join(cells) + " |")
+    lines += ["", "| chunk | new-label share | " + " | ".join(ARMS) + " |",
+              "|---" * (len(ARMS) + 2) + "|"]
+    for e in result["per_chunk"]:
+        lines.append(f"| {e['chunk']} | {e['new_label_share']:.2f} | "
+                     + " | ".join(f"{e[a]['accuracy']:.3f}" for a in ARMS) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--datasets", nargs="+", default=["hwu64", "banking77"])
+    parser.add_argument("--tables-from", nargs="+", type=Path, default=None,
+                        help="print the tables of saved results (bench/results/stream-*.json)")
+    defaults = StreamOptions()
+    for name, value in asdict(defaults).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    args = parser.parse_args()
+    if args.tables_from:
+        import json
+
+        for path in args.tables_from:
+            print(markdown(json.loads(path.read_text())) + "\n")
+        return
+    options = StreamOptions(**{k: getattr(args, k) for k in asdict(defaults)})
+    import torch
+
+    torch.set_num_threads(1)  # the machine is shared; head training is small
+    for name in args.datasets:
+        result = run(name, options)
+        print(markdown(result), flush=True)
+        print(f"({result['seconds']} s)\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()
