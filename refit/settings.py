@@ -80,6 +80,10 @@ class RefitSettings(BaseSettings):
     """How much accuracy on the old classes a challenger may lose and still be promoted."""
     gate_min_new_class_accuracy: float = Field(0.6, ge=0, le=1)
     """Accuracy a challenger must reach on held-out feedback of classes new to it."""
+    label_min_examples: int = Field(5, ge=1)
+    """Feedback items a label the model does not know needs before a retrain trains on it. Until
+    then the label is *pending*: stored, shown and counted, but not trained on, and it does not
+    hold a retrain back."""
 
     # -- monitoring -------------------------------------------------------------------------------
     drift_window: int = Field(2000, ge=50)
