@@ -127,7 +127,7 @@ def test_a_worse_challenger_is_rejected_unless_forced(champion):
 
 
 def test_new_classes_must_reach_the_minimum_and_be_verifiable(champion):
-    version, splits, embeddings = champion
+    version, _splits, embeddings = champion
     labels = sorted(version.labels + ["gift_card"])
     grown = ClassifierHead(384, len(labels), 0, 0.0).eval()
     old = version_head(version)

@@ -147,6 +147,9 @@ class HeadRecipe:
     """Used only when the chosen configuration has the warm head's architecture."""
     large_batch_from: int | None = None
     """From this many training examples on, train with batches of :data:`LARGE_BATCH`."""
+    choose_class_weighting: bool = False
+    """Without a search, train with and without class weighting and keep the better on
+    validation (a search chooses it among its other hyperparameters)."""
 
 
 @dataclass(frozen=True)
@@ -357,12 +360,28 @@ def fit_head(
     if warm is not None:
         config = config.with_overrides(patience=min(config.patience, warm.patience))
 
+    candidates = [config]
+    if recipe.search.strategy == "none" and recipe.choose_class_weighting:
+        candidates = class_weighting_choices(config)
     reporter.phase("training", f"head on {len(y_train)} examples, {data.num_classes} labels")
-    trained = train_head(
-        x_train, y_train, x_val, y_val, data.num_classes, config, recipe.seed,
-        on_epoch=lambda r: reporter.event("epoch", stage="head", **asdict(r)),
-        warm_start=None if warm is None else (warm.head, warm.class_map),
-    )
+    trained: TrainedHead | None = None
+    weighting_trials = []
+    for candidate in candidates:
+        attempt = train_head(
+            x_train, y_train, x_val, y_val, data.num_classes, candidate, recipe.seed,
+            on_epoch=lambda r: reporter.event("epoch", stage="head", **asdict(r)),
+            warm_start=None if warm is None else (warm.head, warm.class_map),
+        )
+        weighting_trials.append({"class_weighting": candidate.class_weighting,
+                                 "val_macro_f1": round(attempt.val_macro_f1, 6)})
+        if trained is None or attempt.val_macro_f1 > trained.val_macro_f1 + 1e-9:
+            trained, config = attempt, candidate
+    assert trained is not None
+    if len(candidates) > 1:
+        search_record = {**search_record, "class_weighting": {
+            "chosen": config.class_weighting, "scoring": "validation macro-F1",
+            "trials": weighting_trials,
+        }}
     fitted = FittedHead(
         head=trained.head, config=config, trained=trained, search=search_record, unfreeze=None,
         warm_start=None if warm is None else warm.version, encoder=source, data=data,
@@ -370,6 +389,17 @@ def fit_head(
     if recipe.unfreeze.layers > 0:
         fitted = _unfreeze(fitted, recipe, reporter)
     return fitted
+
+
+def class_weighting_choices(config: HeadConfig) -> list[HeadConfig]:
+    """``config`` and the same with the other class weighting, to be chosen between on validation.
+
+    Weighting the loss by inverse class frequency helps rare classes on some data and makes the
+    head predict them far too often on other data (issue 9): it is a choice, not a default.
+    """
+    if isinstance(config.class_weighting, bool):
+        return [config, config.with_overrides(class_weighting=not config.class_weighting)]
+    return [config]  # a head whose weighting is not on/off: its search chooses it
 
 
 def _unfreeze(fitted: FittedHead, recipe: HeadRecipe, reporter: Reporter) -> FittedHead:

@@ -18,7 +18,8 @@ The job is a short sequence of steps (:func:`run_job`):
    that feedback plus a replay sample of the champion's training data, so old classes are not
    forgotten; labels active only in feedback become new classes.
 4. **Fit** the head exactly as ``refit train`` does (:func:`~adapters.training.pipeline.fit_head`),
-   from the champion's chosen configuration, warm-started from the champion's head.
+   from the champion's chosen configuration (or a new search, with ``search: "grid"``), with class
+   weighting chosen on validation, warm-started from the champion's head.
 5. **Gate**: champion and challenger are judged on the same held-out items
    (:mod:`adapters.training.gate`).
 6. **Register** the version, either way, with the gate's decision in its manifest.
@@ -311,6 +312,9 @@ def retrain_recipe(champion: ModelVersion, labels: list[str], options: RetrainOp
         unfreeze=UnfreezeConfig(layers=options.unfreeze_layers),
         warm_start=warm_start,
         large_batch_from=LARGE_BATCH_FROM,
+        # Class weighting is chosen on this data's validation split: feedback brings new classes
+        # far smaller than the replayed ones, where inverse-frequency weights over-predict them.
+        choose_class_weighting=True,
     )
 
 
