@@ -41,3 +41,13 @@ def test_status_is_immutable_and_the_setting_defaults_to_5():
         status.status = "active"  # type: ignore[misc]
     assert RefitSettings().label_min_examples == 5
     assert RefitSettings(label_min_examples=2).label_min_examples == 2
+
+
+def test_the_setting_is_read_from_the_environment(monkeypatch):
+    monkeypatch.setenv("REFIT_LABEL_MIN_EXAMPLES", "3")
+    assert RefitSettings().label_min_examples == 3
+    monkeypatch.setenv("REFIT_LABEL_MIN_EXAMPLES", "0")
+    from refit.settings import SettingsError, load_settings
+
+    with pytest.raises(SettingsError, match="REFIT_LABEL_MIN_EXAMPLES"):
+        load_settings()
