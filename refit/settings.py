@@ -125,6 +125,9 @@ class RefitSettings(BaseSettings):
     """Feedback items a label the model does not know needs before a retrain trains on it. Until
     then the label is *pending*: stored, shown and counted, but not trained on, and it does not
     hold a retrain back."""
+    retrain_max_new_labels: int = Field(10, ge=0, le=1000)
+    """Most new labels one retrain may add (those with the most feedback); the others stay
+    pending until a later retrain."""
 
     # -- monitoring -------------------------------------------------------------------------------
     drift_window: int = Field(2000, ge=50)

@@ -338,7 +338,8 @@ class DataPlane:
         stats = self.store.feedback_label_stats()
         min_examples = self.settings.label_min_examples
         statuses = label_statuses(
-            model_labels, training, {label: s.items for label, s in stats.items()}, min_examples
+            model_labels, training, {label: s.items for label, s in stats.items()}, min_examples,
+            max_new=self.settings.retrain_max_new_labels,
         )
         reports = []
         for status in statuses:

@@ -51,3 +51,16 @@ def test_the_setting_is_read_from_the_environment(monkeypatch):
 
     with pytest.raises(SettingsError, match="REFIT_LABEL_MIN_EXAMPLES"):
         load_settings()
+
+
+def test_at_most_max_new_labels_are_active_the_rest_wait():
+    from adapters.serving.labels import label_statuses
+
+    feedback = {"a": 9, "b": 7, "c": 7, "d": 5, "e": 2}
+    statuses = {s.label: s for s in label_statuses(["x"], {"x": 10}, feedback, 5, max_new=2)}
+    assert [l for l, s in statuses.items() if s.status == "active"] == ["a", "b", "x"]
+    assert statuses["c"].status == "pending" and "at most 2 new labels" in statuses["c"].reason
+    assert statuses["d"].status == "pending"
+    assert statuses["e"].status == "pending" and "only 2" in statuses["e"].reason
+    unlimited = label_statuses(["x"], {"x": 10}, feedback, 5)
+    assert sum(s.status == "active" for s in unlimited) == 5

@@ -35,14 +35,23 @@ def label_statuses(
     training_counts: dict[str, int],
     feedback_counts: dict[str, int],
     min_examples: int,
+    max_new: int | None = None,
 ) -> list[LabelStatus]:
     """The status of every label the model or the feedback knows, sorted by label.
 
     ``training_counts`` counts the model's training examples per label, ``feedback_counts`` the
     feedback items per label, and ``min_examples`` is how many feedback items a label the model
-    does not know needs before it is trained on (``REFIT_LABEL_MIN_EXAMPLES``).
+    does not know needs before it is trained on (``REFIT_LABEL_MIN_EXAMPLES``). At most
+    ``max_new`` new labels are active at once (``REFIT_RETRAIN_MAX_NEW_LABELS``): those with the
+    most feedback; the others wait, pending, so that no single burst of feedback can add an
+    unbounded number of classes in one retrain.
     """
     known = set(model_labels) | {label for label, n in training_counts.items() if n > 0}
+    eligible = sorted(
+        (label for label, n in feedback_counts.items() if label not in known and n >= min_examples),
+        key=lambda label: (-feedback_counts[label], label),
+    )
+    over_cap = set(eligible[max_new:]) if max_new is not None else set()
     statuses = []
     for label in sorted(known | set(feedback_counts)):
         trained = int(training_counts.get(label, 0))
@@ -52,6 +61,12 @@ def label_statuses(
             reason = "known to the model"
             if trained:
                 reason += f" ({trained} training example{'s' if trained != 1 else ''})"
+        elif label in over_cap:
+            status = "pending"
+            reason = (
+                f"new label with {given} feedback examples, but a retrain adds at most "
+                f"{max_new} new labels and {max_new} others have more feedback"
+            )
         elif given >= min_examples:
             status = "active"
             reason = (

@@ -200,6 +200,7 @@ def collect_feedback(
         training_counts=training_label_counts(champion),
         feedback_counts=dict(Counter(row.label for row in rows)),
         min_examples=settings.label_min_examples,
+        max_new=settings.retrain_max_new_labels,
     )
     return Feedback(rows, statuses)
 
