@@ -44,7 +44,7 @@ def flip_labels(y: np.ndarray, num_classes: int, fraction: float, seed: int) -> 
     """A copy of ``y`` with ``fraction`` of its entries moved to a random *other* class."""
     rng = np.random.default_rng(seed)
     flipped = y.copy()
-    chosen = rng.choice(len(y), int(round(fraction * len(y))), replace=False)
+    chosen = rng.choice(len(y), round(fraction * len(y)), replace=False)
     shift = rng.integers(1, num_classes, len(chosen))
     flipped[chosen] = (y[chosen] + shift) % num_classes
     return flipped

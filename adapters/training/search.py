@@ -136,7 +136,7 @@ def search_head(
     configs = candidate_configs(base, options, seed)
     if len(configs) == 1:
         # Nothing to choose between: the final training reports the validation score.
-        trial = {"trial": 1, "params": _params(configs[0]), "score": None}
+        trial = {"trial": 1, "params": trial_params(configs[0]), "score": None}
         return SearchResult(configs[0], "none (one configuration)", [trial],
                             time.perf_counter() - started)
     pooled_x = np.concatenate([x_train, x_val])
@@ -184,7 +184,7 @@ def search_head(
         score = selection_score(accuracy, f1)
         trial: dict[str, Any] = {
             "trial": index + 1,
-            "params": _params(config),
+            "params": trial_params(config),
             "score": round(score, 6),
             "val_accuracy": round(accuracy, 6),
             "val_macro_f1": round(f1, 6),
@@ -243,7 +243,8 @@ def _score(y: np.ndarray, predicted: np.ndarray, num_classes: int) -> float:
     return selection_score(float((predicted == y).mean()), macro_f1(y, predicted, num_classes))
 
 
-def _params(config: HeadConfig) -> dict[str, Any]:
+def trial_params(config: HeadConfig) -> dict[str, Any]:
+    """What a trial record shows of its configuration."""
     return {
         "hidden_size": config.hidden_size,
         "c": config.c,
