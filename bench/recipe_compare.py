@@ -111,7 +111,9 @@ def main() -> None:
                         help="fraction of training+validation labels to flip (default 0)")
     args = parser.parse_args()
 
-    rows = []
+    suffix = f"-flip{args.flip:g}" if args.flip else ""
+    rows: list[dict[str, Any]] = []
+    path = None
     for name in args.sets:
         b = load(name)
         k = len(b.labels)
@@ -130,9 +132,8 @@ def main() -> None:
                "margin_accuracy": head["accuracy"] - lr["accuracy"],
                "margin_macro_f1": head["macro_f1"] - lr["macro_f1"]}
         rows.append(row)
-        print(line(row), flush=True)
-    suffix = f"-flip{args.flip:g}" if args.flip else ""
-    path = save(f"recipe_compare{suffix}", {"flip": args.flip, "rows": rows})
+        print(line(row), f"\n    head's search: {head['scoring']}", flush=True)
+        path = save(f"recipe_compare{suffix}", {"flip": args.flip, "rows": rows})
     print()
     print(table(rows))
     print(f"\nsaved {path}")
