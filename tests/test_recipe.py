@@ -18,7 +18,9 @@ from adapters.training.search import SearchOptions, candidate_configs, search_he
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def blobs(sizes: list[int], spread: float, seed: int, dim: int = 8) -> tuple[np.ndarray, np.ndarray]:
+def blobs(
+    sizes: list[int], spread: float, seed: int, dim: int = 8
+) -> tuple[np.ndarray, np.ndarray]:
     """Gaussian classes around fixed centres (the same centres for every ``seed``)."""
     centres = np.random.default_rng(123).normal(size=(len(sizes), dim))
     rng = np.random.default_rng(seed)
@@ -27,7 +29,9 @@ def blobs(sizes: list[int], spread: float, seed: int, dim: int = 8) -> tuple[np.
     return x.astype(np.float32), y
 
 
-def objective(weights: np.ndarray, bias: np.ndarray, x: np.ndarray, y: np.ndarray, c: float) -> float:
+def objective(
+    weights: np.ndarray, bias: np.ndarray, x: np.ndarray, y: np.ndarray, c: float
+) -> float:
     """scikit-learn's logistic regression objective, C · Σ cross-entropy + ½‖W‖², in float64."""
     logits = x.astype(np.float64) @ weights.T + bias
     logits -= logits.max(axis=1, keepdims=True)
@@ -49,7 +53,8 @@ def test_linear_head_converges_to_the_logistic_regression_optimum():
         # The head centres its input; in raw coordinates its bias absorbs the centre.
         linear = trained.head.net[-1]
         weights = linear.weight.detach().double().numpy()
-        bias = linear.bias.detach().double().numpy() - weights @ trained.head.center.double().numpy()
+        center = trained.head.center.double().numpy()
+        bias = linear.bias.detach().double().numpy() - weights @ center
         ours = objective(weights, bias, x, y, c)
         theirs = objective(reference.coef_, reference.intercept_, x, y, c)
         assert ours <= theirs * (1 + 1e-6), (c, ours, theirs)

@@ -44,7 +44,7 @@ class HeadConfig:
     """Everything that shapes a head and its training; recorded in every manifest."""
 
     hidden_size: int = 0
-    """0 for a linear head (logistic regression, L-BFGS); otherwise the width of one hidden layer."""
+    """0 for a linear head (logistic regression, L-BFGS); otherwise one hidden layer's width."""
     c: float = 10.0
     """Linear head: inverse L2 strength, scikit-learn's ``C``: the loss is
     ``C · Σ weighted cross-entropy + ½‖W‖²`` (biases unpenalised). Larger fits the data harder."""

@@ -231,9 +231,11 @@ def _choose(
             _score(y[sample], predictions[best][sample], num_classes)
             - _score(y[sample], predictions[reference][sample], num_classes)
         )
-    observed = _score(y, predictions[best], num_classes) - _score(y, predictions[reference], num_classes)
+    observed = (_score(y, predictions[best], num_classes)
+                - _score(y, predictions[reference], num_classes))
     error = float(np.std(differences))
-    verdict = f"trial {best + 1} against plain trial {reference + 1}: {observed:+.4f} (1 s.e. {error:.4f})"
+    verdict = (f"trial {best + 1} against plain trial {reference + 1}: {observed:+.4f} "
+               f"(1 s.e. {error:.4f})")
     if observed > error:
         return best, f"best score; {verdict}"
     return reference, f"best plain logistic regression; {verdict}"
