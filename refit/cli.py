@@ -66,10 +66,11 @@ class TerminalReporter:
             self._live(f"embedded {f['done']}/{f['total']} texts")
         elif kind == "trial":
             p = f["params"]
+            head = (f"linear C={p['c']:g}" if not p["hidden_size"]
+                    else f"MLP {p['hidden_size']} lr={p['learning_rate']:.0e}")
             self._line(
-                f"  trial {f['trial']:>2}/{f['trials']}: lr={p['learning_rate']:.0e} "
-                f"wd={p['weight_decay']:.0e} hidden={p['hidden_size']:<4} "
-                f"score={f['score']:.4f} ({f['seconds']:.1f}s)"
+                f"  trial {f['trial']:>2}/{f['trials']}: {head}, class weights^"
+                f"{p['class_weight_power']:g}: score={f['score']:.4f} ({f['seconds']:.1f}s)"
             )
         elif kind == "epoch" and f.get("stage") == "head":
             self._live(

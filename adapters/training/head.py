@@ -1,10 +1,24 @@
 """The classification head and its training on frozen-encoder embeddings.
 
-The head replaces the encoder's last layer for the task: it standardises the embedding (mean and
-scale fixed from the training data and stored in the head, so export carries them), then applies
-dropout and a linear layer, or one hidden layer first. It is trained with AdamW and weight decay,
-class-weighted, label-smoothed cross-entropy, and early stopping on the validation macro-F1 (the
-weights of the best epoch are kept), from a fixed seed.
+The head replaces the encoder's last layer for the task: it centres (and, for the MLP, scales) the
+embedding with statistics fixed from the training data and stored in the head, so export carries
+them, then applies a linear layer, or one hidden layer first.
+
+Two heads, two ways of training them, one loss:
+
+- **Linear** (``hidden_size == 0``): multinomial logistic regression, trained to convergence by
+  full-batch L-BFGS on a convex objective, the one scikit-learn's ``LogisticRegression`` minimises:
+  ``C · Σ_i w_i · cross-entropy_i + ½‖W‖²``, an L2 penalty on the weights only (biases are free).
+  Embeddings are centred but not rescaled, so ``c`` means exactly what scikit-learn's ``C`` means.
+  There is no early stopping, dropout or label smoothing: the optimum is the model.
+- **MLP** (``hidden_size > 0``): one GELU hidden layer on standardised embeddings, AdamW with
+  weight decay, dropout, label smoothing, and early stopping on the validation score (the weights
+  of the best epoch are kept), from a fixed seed.
+
+Both weight the loss per class by ``count ** -class_weight_power`` (0: none, 0.5: square root of
+inverse frequency, 1: inverse frequency), normalised so the weights sum to the number of examples.
+Weighting shifts decisions towards rare classes; whether that helps depends on the data, so it is
+a choice made on validation data (``adapters.training.search``), never always on.
 """
 
 from __future__ import annotations
@@ -12,9 +26,11 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import InitVar, asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,17 +44,37 @@ class HeadConfig:
     """Everything that shapes a head and its training; recorded in every manifest."""
 
     hidden_size: int = 0
-    """0 for a linear head; otherwise the width of one hidden layer."""
+    """0 for a linear head (logistic regression, L-BFGS); otherwise one hidden layer's width."""
+    c: float = 10.0
+    """Linear head: inverse L2 strength, scikit-learn's ``C``: the loss is
+    ``C · Σ weighted cross-entropy + ½‖W‖²`` (biases unpenalised). Larger fits the data harder."""
+    class_weight_power: float = 0.0
+    """Class ``k`` weighs ``count_k ** -power`` in the loss: 0 none, 0.5 square root of inverse
+    frequency, 1 inverse frequency (every class counts as much as any other)."""
+    max_iterations: int = 1000
+    """Linear head: the most L-BFGS iterations (it stops earlier once converged)."""
     dropout: float = 0.1
-    learning_rate: float = 3e-3
+    """MLP head only, like the fields below."""
+    learning_rate: float = 1e-3
     weight_decay: float = 1e-2
     batch_size: int = 64
     max_epochs: int = 200
     patience: int = 15
-    """Epochs without a better validation macro-F1 before training stops."""
+    """Epochs without a better validation score before training stops."""
     label_smoothing: float = 0.1
-    class_weighting: bool = True
-    """Weight the loss by inverse class frequency, so rare labels count as much as common ones."""
+    class_weighting: InitVar[bool | None] = None
+    """Accepted from manifests written before ``class_weight_power`` existed: ``True`` meant
+    inverse-frequency weights (power 1), ``False`` none (power 0). Not stored."""
+
+    def __post_init__(self, class_weighting: bool | None) -> None:
+        if class_weighting is not None:
+            object.__setattr__(self, "class_weight_power", 1.0 if class_weighting else 0.0)
+        if self.hidden_size < 0 or self.c <= 0 or self.class_weight_power < 0:
+            raise ValueError(f"invalid head configuration: {self}")
+
+    @property
+    def is_linear(self) -> bool:
+        return self.hidden_size == 0
 
     def with_overrides(self, **changes: Any) -> HeadConfig:
         return HeadConfig(**{**asdict(self), **changes})
@@ -60,9 +96,13 @@ class ClassifierHead(nn.Module):
         else:
             self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(input_dim, num_classes))
 
-    def fit_standardisation(self, embeddings: np.ndarray) -> None:
+    def fit_standardisation(self, embeddings: np.ndarray, rescale: bool = True) -> None:
+        """Centre on the mean of ``embeddings``; with ``rescale``, also divide by their spread."""
         self.center.copy_(torch.from_numpy(embeddings.mean(axis=0)))
-        self.scale.copy_(torch.from_numpy(embeddings.std(axis=0) + 1e-6))
+        if rescale:
+            self.scale.copy_(torch.from_numpy(embeddings.std(axis=0) + 1e-6))
+        else:
+            self.scale.fill_(1.0)
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Logits."""
@@ -75,6 +115,8 @@ class ClassifierHead(nn.Module):
 
 @dataclass
 class EpochReport:
+    """Progress of one epoch (MLP) or one block of L-BFGS iterations (linear head)."""
+
     epoch: int
     train_loss: float
     val_loss: float
@@ -87,17 +129,26 @@ class TrainedHead:
     head: ClassifierHead
     config: HeadConfig
     best_epoch: int
+    """The kept epoch (MLP) or the number of L-BFGS iterations run (linear head)."""
     epochs_run: int
     val_loss: float
     val_accuracy: float
     val_macro_f1: float
     seconds: float
     history: list[EpochReport] = field(default_factory=list)
+    converged: bool = True
+    """Linear head: whether L-BFGS met its tolerance within ``max_iterations``."""
+
+    @property
+    def val_score(self) -> float:
+        return selection_score(self.val_accuracy, self.val_macro_f1)
 
     def summary(self) -> dict[str, Any]:
         return {
+            "solver": "lbfgs" if self.config.is_linear else "adamw",
             "best_epoch": self.best_epoch,
             "epochs_run": self.epochs_run,
+            "converged": self.converged,
             "val_loss": round(self.val_loss, 6),
             "val_accuracy": round(self.val_accuracy, 6),
             "val_macro_f1": round(self.val_macro_f1, 6),
@@ -107,6 +158,21 @@ class TrainedHead:
 
 EpochCallback = Callable[[EpochReport], None]
 
+LBFGS_BLOCK = 25
+"""L-BFGS iterations between two progress reports."""
+LBFGS_TOLERANCE = 1e-6
+"""Convergence: the largest absolute entry of the gradient of ``(1/n) Σ w_i CE_i + ‖W‖²/(2Cn)``
+(scikit-learn's ``tol`` bounds the same quantity, 1e-4 by default; large C needs a tighter one)."""
+
+
+def selection_score(accuracy: float, macro_f1_score: float) -> float:
+    """What search and early stopping maximise: the mean of accuracy and macro-F1.
+
+    Accuracy alone ignores rare classes; macro-F1 alone trades common-class accuracy for them
+    (inverse-frequency weighting wins it by over-predicting rare classes). The mean asks for both.
+    """
+    return 0.5 * (accuracy + macro_f1_score)
+
 
 def seed_everything(seed: int) -> torch.Generator:
     torch.manual_seed(seed)
@@ -114,12 +180,13 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def class_weights(y: np.ndarray, num_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights, mean 1 over the classes present; absent classes get 0."""
+def class_weights(y: np.ndarray, num_classes: int, power: float = 1.0) -> torch.Tensor:
+    """Per-class loss weights ``count ** -power``, scaled so that the examples' weights sum to
+    their number; absent classes get 0. ``power`` 0 gives all ones."""
     counts = np.bincount(y, minlength=num_classes).astype(np.float64)
-    weights = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)
     present = counts > 0
-    weights = weights / weights[present].mean()
+    weights = np.where(present, np.maximum(counts, 1) ** -power, 0.0)
+    weights *= len(y) / float((weights * counts).sum())
     return torch.tensor(weights, dtype=torch.float32)
 
 
@@ -134,33 +201,149 @@ def train_head(
     on_epoch: EpochCallback | None = None,
     warm_start: tuple[ClassifierHead, list[int]] | None = None,
 ) -> TrainedHead:
-    """Train a head on embeddings; keep the weights of the epoch with the best validation macro-F1.
+    """Train a head on embeddings and score it on the validation data.
 
-    Ties on macro-F1 go to the lower validation loss. ``warm_start`` is an earlier head of the
-    same architecture and, for each of its classes, that class's index here: training starts from
-    its weights (classes it lacks start from scratch), so a retrained head converges in a few
-    epochs instead of dozens.
+    The linear head is fitted to convergence (see the module docstring); the MLP keeps the weights
+    of the epoch with the best validation score, ties going to the lower validation loss.
+    ``warm_start`` is an earlier head of the same architecture and, for each of its classes, that
+    class's index here: training starts from its weights (and its centring), classes it lacks
+    start from zero (linear) or from scratch (MLP), so a retrained head converges in a few
+    iterations instead of many.
     """
     started = time.perf_counter()
     generator = seed_everything(seed)
     head = ClassifierHead(x_train.shape[1], num_classes, config.hidden_size, config.dropout)
+    if config.is_linear:
+        with torch.no_grad():
+            head.net[-1].weight.zero_()
+            head.net[-1].bias.zero_()
     if warm_start is None:
-        head.fit_standardisation(x_train)
+        head.fit_standardisation(x_train, rescale=not config.is_linear)
     else:
         copy_weights(warm_start[0], head, warm_start[1])
     xt = torch.from_numpy(np.ascontiguousarray(x_train, dtype=np.float32))
     yt = torch.from_numpy(y_train.astype(np.int64))
     xv = torch.from_numpy(np.ascontiguousarray(x_val, dtype=np.float32))
     yv = torch.from_numpy(y_val.astype(np.int64))
-    weight = class_weights(y_train, num_classes) if config.class_weighting else None
-    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
-    val_loss_fn = nn.CrossEntropyLoss()
+    weight = class_weights(y_train, num_classes, config.class_weight_power)
+
+    def validate(epoch: int, train_loss: float) -> EpochReport:
+        head.eval()
+        with torch.inference_mode():
+            logits = head(xv)
+            val_loss = float(nn.functional.cross_entropy(logits, yv)) if len(yv) else math.nan
+            predicted = logits.argmax(dim=1).numpy()
+        accuracy = float((predicted == y_val).mean()) if len(y_val) else 0.0
+        report = EpochReport(epoch, train_loss, val_loss, accuracy,
+                             macro_f1(y_val, predicted, num_classes))
+        if on_epoch is not None:
+            on_epoch(report)
+        return report
+
+    # The MLP's mini-batches are small; so is one pass of a linear head over most data sets.
+    width = num_classes if config.is_linear else config.batch_size
+    with _threads(1 if len(xt) * x_train.shape[1] * width < SMALL_WORK else None):
+        if config.is_linear:
+            return _fit_linear(head, xt, yt, weight, config, validate, started)
+        return _fit_mlp(head, xt, yt, weight, config, generator, validate, started)
+
+
+SMALL_WORK = 100_000_000
+"""Multiply-adds per step below which training runs on one thread: on small tensors the threads'
+synchronisation costs more than they save, and far more when the CPU is shared (up to 10 times
+slower on 2 busy cores)."""
+
+
+@contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    if count is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _fit_linear(
+    head: ClassifierHead,
+    xt: torch.Tensor,
+    yt: torch.Tensor,
+    weight: torch.Tensor,
+    config: HeadConfig,
+    validate: Callable[[int, float], EpochReport],
+    started: float,
+) -> TrainedHead:
+    """Minimise ``(1/n) Σ w_i CE_i + ‖W‖² / (2 C n)`` (the same minimiser as ``C Σ w_i CE_i +
+    ½‖W‖²``) by full-batch L-BFGS with a strong-Wolfe line search."""
+    linear = head.net[-1]
+    with torch.no_grad():
+        x = (xt - head.center) / head.scale
+    w_example = weight[yt]
+    n = len(yt)
+    penalty = 1.0 / (2.0 * config.c * n)
+    coef = linear.weight.detach().clone().requires_grad_(True)
+    bias = linear.bias.detach().clone().requires_grad_(True)
+    optimiser = torch.optim.LBFGS(
+        [coef, bias], lr=1.0, max_iter=LBFGS_BLOCK, history_size=20,
+        tolerance_grad=LBFGS_TOLERANCE, tolerance_change=1e-12, line_search_fn="strong_wolfe",
+    )
+
+    def objective() -> torch.Tensor:
+        optimiser.zero_grad(set_to_none=True)
+        losses = nn.functional.cross_entropy(x @ coef.T + bias, yt, reduction="none")
+        value = (w_example * losses).sum() / n + penalty * (coef * coef).sum()
+        value.backward()
+        return value
+
+    history: list[EpochReport] = []
+    iterations = 0
+    converged = False
+    block = 0
+    while iterations < config.max_iterations:
+        block += 1
+        before = optimiser.state[optimiser._params[0]].get("n_iter", 0)
+        loss = float(optimiser.step(objective).detach())
+        ran = optimiser.state[optimiser._params[0]]["n_iter"] - before
+        iterations += ran
+        with torch.no_grad():
+            linear.weight.copy_(coef)
+            linear.bias.copy_(bias)
+        history.append(validate(block, loss))
+        gradient = max(float(coef.grad.abs().max()), float(bias.grad.abs().max()))
+        if ran < LBFGS_BLOCK or gradient <= LBFGS_TOLERANCE:
+            converged = gradient <= LBFGS_TOLERANCE or ran < LBFGS_BLOCK
+            break
+    head.eval()
+    last = history[-1]
+    return TrainedHead(
+        head=head, config=config, best_epoch=iterations, epochs_run=iterations,
+        val_loss=last.val_loss, val_accuracy=last.val_accuracy, val_macro_f1=last.val_macro_f1,
+        seconds=time.perf_counter() - started, history=history, converged=converged,
+    )
+
+
+def _fit_mlp(
+    head: ClassifierHead,
+    xt: torch.Tensor,
+    yt: torch.Tensor,
+    weight: torch.Tensor,
+    config: HeadConfig,
+    generator: torch.Generator,
+    validate: Callable[[int, float], EpochReport],
+    started: float,
+) -> TrainedHead:
+    loss_fn = nn.CrossEntropyLoss(
+        weight=weight if config.class_weight_power else None,
+        label_smoothing=config.label_smoothing,
+    )
     optimiser = torch.optim.AdamW(
         head.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
     best_state = copy.deepcopy(head.state_dict())
-    best = (math.inf, 0.0, -1.0)  # (val loss, accuracy, macro-F1) of the kept epoch
-    best_epoch = 0
+    best: EpochReport | None = None
     history: list[EpochReport] = []
     stale = 0
     epoch = 0
@@ -175,39 +358,27 @@ def train_head(
             loss.backward()
             optimiser.step()
             total += float(loss.detach()) * len(batch)
-        head.eval()
-        with torch.inference_mode():
-            logits = head(xv)
-            val_loss = float(val_loss_fn(logits, yv))
-            predicted = logits.argmax(dim=1).numpy()
-        accuracy = float((predicted == y_val).mean())
-        f1 = macro_f1(y_val, predicted, num_classes)
-        report = EpochReport(epoch, total / len(xt), val_loss, accuracy, f1)
+        report = validate(epoch, total / len(xt))
         history.append(report)
-        if on_epoch is not None:
-            on_epoch(report)
-        improved = f1 > best[2] + 1e-4
-        if improved or (abs(f1 - best[2]) <= 1e-4 and val_loss < best[0]):
-            best = (val_loss, accuracy, f1)
-            best_epoch = epoch
+        score = selection_score(report.val_accuracy, report.val_macro_f1)
+        best_score = -1.0 if best is None else selection_score(best.val_accuracy, best.val_macro_f1)
+        improved = score > best_score + 1e-4
+        if improved or (best is not None and abs(score - best_score) <= 1e-4
+                        and report.val_loss < best.val_loss):
+            best = report
             best_state = copy.deepcopy(head.state_dict())
-        # Patience counts epochs without a better macro-F1: a tie with a lower loss is kept,
-        # but does not extend training (on small data the F1 plateaus while the loss creeps).
+        # Patience counts epochs without a better score: a tie with a lower loss is kept, but
+        # does not extend training (on small data the score plateaus while the loss creeps).
         stale = 0 if improved else stale + 1
         if stale >= config.patience:
             break
+    assert best is not None
     head.load_state_dict(best_state)
     head.eval()
     return TrainedHead(
-        head=head,
-        config=config,
-        best_epoch=best_epoch,
-        epochs_run=epoch,
-        val_loss=best[0],
-        val_accuracy=best[1],
-        val_macro_f1=best[2],
-        seconds=time.perf_counter() - started,
-        history=history,
+        head=head, config=config, best_epoch=best.epoch, epochs_run=epoch,
+        val_loss=best.val_loss, val_accuracy=best.val_accuracy, val_macro_f1=best.val_macro_f1,
+        seconds=time.perf_counter() - started, history=history,
     )
 
 

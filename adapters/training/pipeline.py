@@ -372,14 +372,16 @@ def fit_head(
             on_epoch=lambda r: reporter.event("epoch", stage="head", **asdict(r)),
             warm_start=None if warm is None else (warm.head, warm.class_map),
         )
-        weighting_trials.append({"class_weighting": candidate.class_weighting,
+        weighting_trials.append({"class_weight_power": candidate.class_weight_power,
+                                 "val_accuracy": round(attempt.val_accuracy, 6),
                                  "val_macro_f1": round(attempt.val_macro_f1, 6)})
-        if trained is None or attempt.val_macro_f1 > trained.val_macro_f1 + 1e-9:
+        if trained is None or selection_score(attempt) > selection_score(trained) + 1e-9:
             trained, config = attempt, candidate
     assert trained is not None
     if len(candidates) > 1:
         search_record = {**search_record, "class_weighting": {
-            "chosen": config.class_weighting, "scoring": "validation macro-F1",
+            "chosen_power": config.class_weight_power,
+            "scoring": "mean of validation accuracy and macro-F1",
             "trials": weighting_trials,
         }}
     fitted = FittedHead(
@@ -392,14 +394,21 @@ def fit_head(
 
 
 def class_weighting_choices(config: HeadConfig) -> list[HeadConfig]:
-    """``config`` and the same with the other class weighting, to be chosen between on validation.
+    """``config`` and the same with the other class weightings (inverse class frequency to the
+    power 0, 0.5, 1), to be chosen between on validation.
 
-    Weighting the loss by inverse class frequency helps rare classes on some data and makes the
-    head predict them far too often on other data (issue 9): it is a choice, not a default.
+    Weighting the loss helps rare classes on some data and makes the head predict them far too
+    often on other data (issue 9): it is a choice made per retrain, not a default.
     """
-    if isinstance(config.class_weighting, bool):
-        return [config, config.with_overrides(class_weighting=not config.class_weighting)]
-    return [config]  # a head whose weighting is not on/off: its search chooses it
+    powers = [config.class_weight_power] + [p for p in (0.0, 0.5, 1.0)
+                                            if p != config.class_weight_power]
+    return [config.with_overrides(class_weight_power=p) for p in powers]
+
+
+def selection_score(trained: TrainedHead) -> float:
+    """What choices between heads maximise on validation: the mean of accuracy and macro-F1, so
+    neither is traded away for the other (as in the search)."""
+    return (trained.val_accuracy + trained.val_macro_f1) / 2
 
 
 def _unfreeze(fitted: FittedHead, recipe: HeadRecipe, reporter: Reporter) -> FittedHead:

@@ -174,7 +174,8 @@ def gradual_unfreeze(
     original = copy.deepcopy(encoder.state_dict())
     train_cache = _cache_states(encoder, tokenizer, train_texts, start)
     val_cache = _cache_states(encoder, tokenizer, val_texts, start)
-    weight = class_weights(y_train, num_classes) if head_config.class_weighting else None
+    power = head_config.class_weight_power
+    weight = class_weights(y_train, num_classes, power) if power else None
     loss_fn = nn.CrossEntropyLoss(weight=weight)
     y_train_t = torch.from_numpy(y_train.astype(np.int64))
 
