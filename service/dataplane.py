@@ -286,20 +286,19 @@ class DataPlane:
             row = start + offset
             prediction_id = new_prediction_id(now)
             scores = rows[offset]
-            remembered = matches.labels[row] if matches is not None else None
-            if remembered is None:
-                label = labels[output.predicted[row]]
-                result = PredictionResult(
-                    prediction_id, label, scores[output.predicted[row]],
-                    dict(zip(labels, scores, strict=True)),
-                )
-            else:
+            if matches is not None and (remembered := matches.labels[row]) is not None:
                 label = remembered
                 result = PredictionResult(
                     prediction_id, label,
                     model_probability(output.probabilities[row], labels, label),
                     dict(zip(labels, scores, strict=True)), "feedback",
                     int(matches.feedback_ids[row]), float(matches.similarity[row]),
+                )
+            else:
+                label = labels[output.predicted[row]]
+                result = PredictionResult(
+                    prediction_id, label, scores[output.predicted[row]],
+                    dict(zip(labels, scores, strict=True)),
                 )
             confidence = result.confidence
             predictions.append(result)
