@@ -48,6 +48,8 @@ log = logging.getLogger("refit.memory")
 
 EMBED_BATCH = 256
 """Texts per classifier run while rebuilding or embedding feedback."""
+REBUILD_RETRY_S = 5.0
+"""After a failed rebuild (the store unreachable, say), wait this long before the next try."""
 
 
 @dataclass(frozen=True)
@@ -206,9 +208,11 @@ class FeedbackMemoryKeeper:
             if model is not None and model is not self._built_for:
                 try:
                     self.rebuild(model)
-                except Exception as exc:  # noqa: BLE001 - retried at the next round
+                except Exception as exc:  # noqa: BLE001 - retried a little later
                     self._last_error = f"rebuilding the memory for {model.version} failed: {exc}"
                     log.exception("rebuilding the feedback memory for %s failed", model.version)
+                    if self._stop.wait(REBUILD_RETRY_S):
+                        return
             if self._stop.wait(self.poll_interval_s):
                 return
 
