@@ -34,7 +34,8 @@ def plane_over(registry: ModelRegistry, tmp_path, **overrides):
 
 
 def give(plane, items: list[tuple[str, str]]) -> list[int]:
-    receipt = asyncio.run(plane.feedback([FeedbackSubmission(None, t, label) for t, label in items]))
+    submissions = [FeedbackSubmission(None, text, label) for text, label in items]
+    receipt = asyncio.run(plane.feedback(submissions))
     return receipt.feedback_ids
 
 

@@ -101,8 +101,8 @@ def test_feedback_is_in_effect_at_once_in_every_worker(server):
 
 
 def test_served_label_is_logged_and_counted(server):
-    response = fresh_post(server, "/feedback",
-                          {"items": [{"text": "is there a loyalty points scheme", "label": "loyalty"}]})
+    item = {"text": "is there a loyalty points scheme", "label": "loyalty"}
+    response = fresh_post(server, "/feedback", {"items": [item]})
     assert response.status_code == 200, response.text
     time.sleep(1.5)
     served = predict_one(server, "is there a loyalty points scheme")
