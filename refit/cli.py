@@ -1,7 +1,9 @@
 """The ``refit`` command line: train, evaluate, list and promote model versions.
 
-Errors a user can cause (missing or malformed files, unsplittable data, unknown versions) print
-one clear message and exit with status 2; nothing prints a traceback for them.
+Exit status: 0 on success; 2 for a usage error, something the user can fix (bad arguments or
+settings, missing or malformed files, unsplittable data, unknown versions); 1 for an internal
+failure (an export that fails its parity check, an unreadable registry). Both print one clear
+message and no traceback.
 """
 
 from __future__ import annotations
@@ -13,10 +15,16 @@ import time
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
-from refit.errors import RefitError
+from refit.errors import NotFoundError, RefitError
 from refit.settings import SettingsError, load_settings
 
+EXIT_INTERNAL = 1
 EXIT_USAGE = 2
+
+
+def exit_code(error: RefitError) -> int:
+    """2 for errors the user caused (a 4xx status), 1 for internal failures (5xx)."""
+    return EXIT_USAGE if error.status < 500 else EXIT_INTERNAL
 
 
 class TerminalReporter:
@@ -129,7 +137,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     registry = _registry(args)
     version = registry.get(args.version) if args.version else registry.current()
     if version is None:
-        raise RefitError(f"the registry at {registry.root} has no current version; pass --version")
+        raise NotFoundError(
+            f"the registry at {registry.root} has no current version; pass --version"
+        )
     classifier = OnnxClassifier(version.path, intra_op_threads=2)
     started = time.perf_counter()
     output = classifier.predict(data.texts)
@@ -306,8 +316,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except RefitError as exc:
-        print(f"refit: error: {exc.message}", file=sys.stderr)
-        return EXIT_USAGE
+        code = exit_code(exc)
+        kind = "error" if code == EXIT_USAGE else "internal error"
+        print(f"refit: {kind}: {exc.message}", file=sys.stderr)
+        return code
     except SettingsError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_USAGE

@@ -125,12 +125,18 @@ class RefitSettings(BaseSettings):
     retrain_replay_rows: int = Field(5000, ge=0)
     """Most rows of the serving version's training data replayed into a retrain."""
     gate_tolerance: float = Field(0.02, ge=0, le=1)
-    """How much accuracy on the old classes a challenger may lose and still be promoted."""
+    """How much accuracy on the old classes a challenger may lose and still be promoted. A larger
+    loss rejects it only if it is also not noise: the 95% confidence interval of the paired
+    difference lies below zero (see the README's "Learning from feedback")."""
     gate_min_new_class_accuracy: float = Field(0.6, ge=0, le=1)
     """Accuracy a challenger must reach on held-out feedback of classes new to it."""
     label_min_examples: int = Field(5, ge=1, le=10_000)
-    """Feedback items a label the model does not know needs before it is active (trained on);
-    with fewer it is pending (``GET /labels``)."""
+    """Feedback items a label the model does not know needs before a retrain trains on it. Until
+    then the label is *pending*: stored, shown and counted, but not trained on, and it does not
+    hold a retrain back."""
+    retrain_max_new_labels: int = Field(10, ge=0, le=1000)
+    """Most new labels one retrain may add (those with the most feedback); the others stay
+    pending until a later retrain."""
 
     # -- monitoring -------------------------------------------------------------------------------
     drift_window: int = Field(2000, ge=50)

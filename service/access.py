@@ -68,7 +68,8 @@ class RoleGuard:
                 f"until {self.setting} is set; ask the operator for the key"
             )
         raise UnauthorizedError(
-            f"this endpoint needs the {self.role} key: Authorization: Bearer <{self.setting}>"
+            f"this endpoint needs the {self.role} {'token' if self.role == 'admin' else 'key'}: "
+            f"Authorization: Bearer <{self.setting}>"
         )
 
 

@@ -58,6 +58,7 @@ from service.dataplane import DataPlane
 from service.openapi import Operation, Parameter, openapi_document
 from service.security import SecurityHeadersMiddleware, page_policy
 from service.schemas import (
+    MAX_ID,
     DriftResponse,
     ErrorResponse,
     FeedbackEntryInfo,
@@ -208,7 +209,7 @@ def read_query(request: Request, model: type[Model]) -> Model:
 def path_id(request: Request, name: str) -> int:
     """A positive integer path parameter; 422 naming it otherwise."""
     value = request.path_params[name]
-    if not value.isdigit() or int(value) < 1 or len(value) > 18:
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= MAX_ID:
         raise InvalidInputError(f"{name} must be a positive integer, got {value!r}", field=name)
     return int(value)
 
@@ -364,7 +365,8 @@ def operations(api: Api | None) -> list[Operation]:
     job_id = Parameter("job_id", "path", {"type": "string", "maxLength": 64}, "A retrain job's id.",
                        example="job-20261123-180000-a1b2c3")
     feedback_id = Parameter(
-        "feedback_id", "path", {"type": "integer", "minimum": 1}, "A feedback item's id.",
+        "feedback_id", "path", {"type": "integer", "minimum": 1, "maximum": MAX_ID},
+        "A feedback item's id.",
         example=1,
     )
     return [
@@ -444,8 +446,16 @@ def operations(api: Api | None) -> list[Operation]:
     ]
 
 
-def api_document(ops: list[Operation]) -> dict[str, Any]:
-    return openapi_document(ops, "refit", __version__, API_DESCRIPTION)
+def api_document(ops: list[Operation], settings: RefitSettings | None = None) -> dict[str, Any]:
+    """The OpenAPI document; with ``settings``, the limits they set are stated in it too."""
+    document = openapi_document(ops, "refit", __version__, API_DESCRIPTION)
+    if settings is not None:
+        schemas = document["components"]["schemas"]
+        texts = schemas["PredictRequest"]["properties"]["texts"]
+        texts["maxItems"] = settings.max_texts_per_request
+        texts["items"]["maxLength"] = settings.max_text_chars
+        schemas["FeedbackItem"]["properties"]["text"]["maxLength"] = settings.max_text_chars
+    return document
 
 
 def create_app(plane: DataPlane, settings: RefitSettings) -> Starlette:
@@ -453,7 +463,7 @@ def create_app(plane: DataPlane, settings: RefitSettings) -> Starlette:
     every method (unknown ones get a JSON 405), and a JSON 404 for every other path."""
     api = Api(plane, settings)
     ops = operations(api)
-    api.openapi = orjson.dumps(api_document(ops))
+    api.openapi = orjson.dumps(api_document(ops, settings))
     api.endpoints = {f"{op.method} {op.path}": op.summary for op in ops}
     rotation = ConnectionRotation(settings.keepalive_requests)
     admin = admin_guard(settings)

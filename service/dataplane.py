@@ -29,6 +29,7 @@ from monitoring.metrics import metrics
 from refit.errors import InvalidInputError, NotFoundError
 from refit.jobs import Job, RetrainOptions
 from refit.settings import RefitSettings
+from refit.text import is_blank
 from refit.store import (
     FeedbackEntry,
     FeedbackQuery,
@@ -268,7 +269,7 @@ class DataPlane:
                     f"text is {len(text)} characters long; at most {max_chars} are allowed",
                     field=f"{field}[{index}]",
                 )
-            if not text.strip():
+            if is_blank(text):
                 raise InvalidInputError("text is empty", field=f"{field}[{index}]")
 
     async def predict(self, texts: list[str]) -> PredictionBatch:
@@ -320,14 +321,14 @@ class DataPlane:
                 raise InvalidInputError(
                     "give exactly one of 'prediction_id' or 'text'", field=f"items[{index}]"
                 )
-            if not item.label.strip():
+            if is_blank(item.label):
                 raise InvalidInputError("'label' must not be blank", field=f"items[{index}].label")
             if item.text is not None and len(item.text) > max_chars:
                 raise InvalidInputError(
                     f"text is {len(item.text)} characters long; at most {max_chars} are allowed",
                     field=f"items[{index}].text",
                 )
-            if item.text is not None and not item.text.strip():
+            if item.text is not None and is_blank(item.text):
                 raise InvalidInputError("text is empty", field=f"items[{index}].text")
         return await asyncio.to_thread(self._feedback_blocking, items)
 
@@ -396,7 +397,7 @@ class DataPlane:
         return FeedbackPage(entries, entries[-1].id if more and entries else None)
 
     async def relabel_feedback(self, feedback_id: int, label: str) -> FeedbackEntry:
-        if not label.strip():
+        if is_blank(label):
             raise InvalidInputError("'label' must not be blank", field="label")
         return await asyncio.to_thread(self.store.relabel_feedback, feedback_id, label.strip())
 
@@ -413,7 +414,8 @@ class DataPlane:
         stats = self.store.feedback_label_stats()
         min_examples = self.settings.label_min_examples
         statuses = label_statuses(
-            model_labels, training, {label: s.items for label, s in stats.items()}, min_examples
+            model_labels, training, {label: s.items for label, s in stats.items()}, min_examples,
+            max_new=self.settings.retrain_max_new_labels,
         )
         reports = []
         for status in statuses:

@@ -9,14 +9,14 @@ objects by the ``from_...`` constructors here; ``/openapi.json`` is generated fr
 
 from __future__ import annotations
 
-import unicodedata
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator, model_validator
 
 from adapters.serving.registry import ModelVersion, Pointer
 from refit.jobs import Job, RetrainOptions
+from refit.text import LABEL_PATTERN, TEXT_PATTERN, has_control_characters, is_blank
 from refit.store import FeedbackEntry, FeedbackQuery, FeedbackSubmission
 from service.dataplane import (
     FeedbackPage,
@@ -35,8 +35,15 @@ class _Request(BaseModel):
 # -- predict ---------------------------------------------------------------------------------------
 
 
+# What the checks in code enforce, stated in the document too (refit/text.py).
+Text = Annotated[StrictStr, Field(min_length=1, json_schema_extra={"pattern": TEXT_PATTERN})]
+Label = Annotated[
+    StrictStr, Field(min_length=1, max_length=200, json_schema_extra={"pattern": LABEL_PATTERN})
+]
+
+
 class PredictRequest(_Request):
-    texts: list[StrictStr] = Field(min_length=1, description="Texts to classify, in order.")
+    texts: list[Text] = Field(min_length=1, description="Texts to classify, in order.")
 
 
 class Prediction(BaseModel):
@@ -79,27 +86,45 @@ class PredictResponse(BaseModel):
 PREDICTION_ID_PATTERN = r"^[0-9a-f]{28}$"
 """What ``/predict`` issues: 12 hex digits of milliseconds, then 16 random hex digits."""
 MAX_SEED = 2**31 - 1
+MAX_ID = 10**18 - 1
+"""Largest row id (feedback ids, cursors) the API takes: well inside a 64-bit integer."""
 MAX_MIN_FEEDBACK = 10_000_000
 
 
 def check_label(label: str) -> str:
     """A label is a name: not blank, and free of control characters (NUL, newlines, ...)."""
-    if not label.strip():
+    if is_blank(label):
         raise ValueError("'label' must not be blank")
-    if any(unicodedata.category(ch) == "Cc" for ch in label):
+    if has_control_characters(label):
         raise ValueError("'label' must not contain control characters")
     return label
+
+
+def _exactly_one_source(schema: dict[str, Any]) -> None:
+    """State in the document what the validator enforces: exactly one of the two sources."""
+    for name in ("prediction_id", "text"):
+        field = schema["properties"][name]
+        options = [o for o in field.pop("anyOf", []) if o.get("type") != "null"]
+        field.pop("default", None)
+        if options:
+            field.update(options[0])
+    schema["oneOf"] = [
+        {"required": ["prediction_id"], "not": {"required": ["text"]}},
+        {"required": ["text"], "not": {"required": ["prediction_id"]}},
+    ]
 
 
 class FeedbackItem(_Request):
     """Either the id of a logged prediction, or the text itself, with its true label."""
 
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_exactly_one_source)
+
     prediction_id: StrictStr | None = Field(
         None, pattern=PREDICTION_ID_PATTERN,
         description="The id /predict returned: 28 lowercase hex digits.",
     )
-    text: StrictStr | None = Field(None, min_length=1)
-    label: StrictStr = Field(min_length=1, max_length=200)
+    text: Text | None = None
+    label: Label
 
     @model_validator(mode="after")
     def _one_source(self) -> FeedbackItem:
@@ -147,13 +172,22 @@ class FeedbackResponse(BaseModel):
         )
 
 
+SINCE_PATTERN = (
+    r"^([0-9]{1,12}(\.[0-9]{1,6})?|[1-9][0-9]{3}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9])"
+    r"(T([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\.[0-9]{1,6})?)?"
+    r"(Z|[+-](0[0-9]|1[0-3]):[0-5][0-9])?)?)$"
+)
+"""Unix seconds, or an ISO 8601 date or time (days 01-29 here, so every match is a real day;
+any real time parses too, as the validator reads ISO 8601 itself)."""
+
+
 class FeedbackListQuery(_Request):
     """Query parameters of ``GET /feedback``."""
 
     label: StrictStr | None = Field(None, min_length=1, max_length=200,
                                     description="Only items with this label.")
     since: str | None = Field(
-        None, max_length=40,
+        None, max_length=40, pattern=SINCE_PATTERN,
         description="Only items given at or after this time: unix seconds or ISO 8601.",
         examples=["1763900000", "2026-11-23T18:00:00+00:00"],
     )
@@ -162,7 +196,7 @@ class FeedbackListQuery(_Request):
     )
     limit: int = Field(100, ge=1, le=1000, description="Items per page.")
     cursor: int | None = Field(
-        None, ge=1, description="`next_cursor` of the previous page (items older than it)."
+        None, ge=1, le=MAX_ID, description="`next_cursor` of the previous page (items older than it)."
     )
 
     @field_validator("since")
@@ -229,7 +263,7 @@ class FeedbackList(BaseModel):
 
 
 class RelabelRequest(_Request):
-    label: StrictStr = Field(min_length=1, max_length=200)
+    label: Label
 
     @field_validator("label")
     @classmethod

@@ -96,13 +96,16 @@ def test_wrong_method_is_a_json_405_with_allow(api):
     assert "error" in response.json()
 
 
-def test_the_openapi_document_is_valid_and_served(api):
+def test_the_openapi_document_is_valid_and_served(api, plane_settings):
     served = api.get("/openapi.json")
     assert served.status_code == 200
     document = served.json()
     validate(document)
     assert document["openapi"].startswith("3.1")
-    assert document == api_document(operations(None))
+    assert document == api_document(operations(None), plane_settings)
+    texts = document["components"]["schemas"]["PredictRequest"]["properties"]["texts"]
+    assert texts["maxItems"] == plane_settings.max_texts_per_request
+    assert texts["items"]["maxLength"] == plane_settings.max_text_chars
 
 
 def test_every_route_is_documented_and_every_documented_path_routed(data_plane, plane_settings):

@@ -99,3 +99,29 @@ def test_train_json_evaluate_models_promote(tmp_path, demo_data_path):
     assert proc.returncode == 0 and "current is now v2 (was v1)" in proc.stdout
     proc = run_cli("rollback", "--registry", registry)
     assert proc.returncode == 0 and "current is now v1" in proc.stdout
+
+
+def test_exit_codes_separate_usage_errors_from_internal_failures():
+    from refit.cli import EXIT_INTERNAL, EXIT_USAGE, exit_code
+    from refit.errors import (
+        ConflictError,
+        DatasetError,
+        ExportParityError,
+        RegistryError,
+        VersionNotFoundError,
+    )
+
+    assert EXIT_USAGE == 2 and EXIT_INTERNAL == 1
+    for usage in (DatasetError("bad line"), VersionNotFoundError("v9"), ConflictError("no previous")):
+        assert exit_code(usage) == 2, usage
+    for internal in (ExportParityError("onnx differs"), RegistryError("unreadable")):
+        assert exit_code(internal) == 1, internal
+
+
+def test_internal_failure_exits_1_without_traceback(tmp_path):
+    # An unreadable registry pointer is not something the user typed wrong: exit 1, one message.
+    (tmp_path / "current.json").write_text("{not json")
+    proc = run_cli("models", "--registry", str(tmp_path))
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    assert "refit: internal error:" in proc.stderr and "current.json" in proc.stderr

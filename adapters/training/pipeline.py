@@ -7,8 +7,10 @@ gradually at a lower rate; export encoder + head to ONNX and check it against Py
 the held-out test set; record everything needed to reproduce and compare the version in its
 manifest; commit it atomically and (unless told not to) make it the serving version.
 
-:func:`build_version` is the second half on its own (export → evaluate → commit), shared with
-retraining from feedback.
+``refit train`` (:func:`train_version`) and retraining from feedback
+(:mod:`adapters.training.retrain`) share the two halves: :func:`fit_head` (search → train →
+unfreeze, described by a :class:`HeadRecipe`) and :func:`register_version` (export → check →
+evaluate → commit). They differ only in where the data and the encoder come from.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from adapters.serving.data import LabelledTexts, require_trainable, stratified_split
+from adapters.serving.evaluation import classification_report
+from adapters.serving.registry import ModelRegistry, ModelVersion, utc_now
+from adapters.serving.tokenization import DEFAULT_MAX_SEQ_LENGTH, TextTokenizer
 from adapters.training.encoder import (
     ENCODER_NAME,
     ENCODER_PACKAGE,
@@ -37,7 +42,6 @@ from adapters.training.encoder import (
     packaged_encoder_dir,
     save_encoder_weights,
 )
-from adapters.serving.evaluation import classification_report
 from adapters.training.export import (
     OPSET,
     check_head_parity,
@@ -49,19 +53,19 @@ from adapters.training.export import (
 from adapters.training.head import (
     ClassifierHead,
     HeadConfig,
+    TrainedHead,
     head_probabilities,
     load_head,
     save_head,
     train_head,
 )
-from adapters.serving.registry import ModelRegistry, ModelVersion, utc_now
 from adapters.training.search import SearchOptions, search_head
-from adapters.serving.tokenization import DEFAULT_MAX_SEQ_LENGTH, TextTokenizer
 from adapters.training.unfreeze import UnfreezeConfig, gradual_unfreeze
 from refit.errors import DatasetError
 
 SPLITS = ("train", "validation", "test")
 REFERENCE_ROWS = 5000
+LARGE_BATCH = 512
 
 
 class Reporter(Protocol):
@@ -99,6 +103,104 @@ class Splits:
 
     def items(self) -> list[tuple[str, LabelledTexts]]:
         return [("train", self.train), ("validation", self.validation), ("test", self.test)]
+
+
+@dataclass
+class EmbeddedSplits:
+    """The splits a head is fitted and judged on, their embeddings, and the class order."""
+
+    labels: list[str]
+    splits: Splits
+    embeddings: dict[str, np.ndarray]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def y(self, name: str) -> np.ndarray:
+        """Class indices of split ``name``."""
+        index = {label: i for i, label in enumerate(self.labels)}
+        return np.array([index[label] for label in getattr(self.splits, name).labels], dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """An earlier head to start from: its weights, and each of its classes' index here."""
+
+    head: ClassifierHead
+    hidden_size: int
+    class_map: list[int]
+    version: str
+    patience: int = 8
+    """A warm head needs less patience than one trained from scratch."""
+
+
+@dataclass(frozen=True)
+class HeadRecipe:
+    """How to fit a head: starting configuration, search, seed, warm start, unfreezing."""
+
+    config: HeadConfig = field(default_factory=HeadConfig)
+    search: SearchOptions = field(default_factory=SearchOptions)
+    seed: int = 0
+    unfreeze: UnfreezeConfig = field(default_factory=lambda: UnfreezeConfig(layers=0))
+    warm_start: WarmStart | None = None
+    """Used only when the chosen configuration has the warm head's architecture."""
+    large_batch_from: int | None = None
+    """From this many training examples on, train with batches of :data:`LARGE_BATCH`."""
+    choose_class_weighting: bool = False
+    """Without a search, train with and without class weighting and keep the better on
+    validation (a search chooses it among its other hyperparameters)."""
+
+
+@dataclass(frozen=True)
+class EncoderSource:
+    """Where a version's encoder comes from, and how it is exported."""
+
+    tokenizer: TextTokenizer
+    encoder: SentenceEncoder | None
+    """The PyTorch encoder; needed to export the encoder graph anew or to fine-tune it."""
+    onnx_from: Path | None = None
+    """An earlier version's ``model.onnx`` whose encoder graph is reused unchanged (head-only)."""
+    weights_from: Path | None = None
+    """An earlier version's ``encoder/`` folder of fine-tuned weights, reused unchanged."""
+    fine_tuned_layers: int = 0
+
+
+@dataclass
+class FittedHead:
+    """A fitted head, with the record of how it was chosen and trained."""
+
+    head: ClassifierHead
+    config: HeadConfig
+    trained: TrainedHead
+    search: dict[str, Any]
+    unfreeze: dict[str, Any] | None
+    warm_start: str | None
+    encoder: EncoderSource
+    """The encoder after fitting: fine-tuning replaces the one fitting started with."""
+    data: EmbeddedSplits
+    """The data, embedded again if the encoder was fine-tuned."""
+
+    def record(self, seed: int) -> dict[str, Any]:
+        return {
+            "seed": seed,
+            "head": asdict(self.config),
+            "head_training": self.trained.summary(),
+            "search": self.search,
+            "unfreeze": self.unfreeze,
+        }
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What a version's manifest says about where it came from."""
+
+    data_source: str
+    parent: str | None = None
+    training: dict[str, Any] = field(default_factory=dict)
+    """Added to the manifest's ``training`` record (split description, retrain details)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Added at the top of the manifest (the gate's decision)."""
 
 
 @dataclass
@@ -170,92 +272,35 @@ def train_version(
     reporter: Reporter | None = None,
     source: str = "data",
 ) -> TrainedVersion:
-    """Train, export, evaluate and register a new version from labelled data."""
+    """Train, export, evaluate and register a new version from labelled data (``refit train``)."""
     options = options or TrainingOptions()
     reporter = reporter or SilentReporter()
     started = time.perf_counter()
     splits = make_splits(data, test, options, source)
-    labels = splits.train.label_set()
-    index = {label: i for i, label in enumerate(labels)}
-    y = {name: np.array([index[lab] for lab in part.labels]) for name, part in splits.items()}
 
     reporter.phase("loading", "encoder")
-    encoder = load_encoder()
-    tokenizer = TextTokenizer(packaged_encoder_dir() / "tokenizer.json", options.max_seq_length)
-
-    embeddings: dict[str, np.ndarray] = {}
-    total = len(data) + (len(test) if test is not None else 0)
-    reporter.phase("embedding", f"{total} texts")
-    done = 0
-    for name, part in splits.items():
-        offset = done
-        embeddings[name] = embed_texts(
-            encoder, tokenizer, part.texts,
-            progress=lambda n, _t, offset=offset: reporter.event("embedded", done=offset + n, total=total),
-        )
-        done += len(part)
-
-    reporter.phase("searching", options.search.strategy)
-    search = search_head(
-        embeddings["train"], y["train"], embeddings["validation"], y["validation"], len(labels),
-        options.head, options.search, options.seed,
-        on_trial=lambda _i, n, trial: reporter.event("trial", trials=n, **trial),
+    source_encoder = EncoderSource(
+        tokenizer=TextTokenizer(packaged_encoder_dir() / "tokenizer.json", options.max_seq_length),
+        encoder=load_encoder(),
     )
-
-    reporter.phase("training", "head")
-    trained = train_head(
-        embeddings["train"], y["train"], embeddings["validation"], y["validation"], len(labels),
-        search.best, options.seed,
-        on_epoch=lambda r: reporter.event("epoch", stage="head", **asdict(r)),
-    )
-    head = trained.head
-    fine_tuned_layers = 0
-    unfreeze_record: dict[str, Any] | None = None
-    if options.unfreeze.layers > 0:
-        reporter.phase("fine-tuning", f"top {options.unfreeze.layers} encoder layer(s), gradually")
-        result = gradual_unfreeze(
-            encoder, tokenizer, splits.train.texts, y["train"], splits.validation.texts,
-            y["validation"], len(labels), search.best, options.unfreeze, trained.val_macro_f1,
-            options.seed,
-            on_epoch=lambda r: reporter.event("unfreeze_epoch", **asdict(r)),
-        )
-        unfreeze_record = result.to_manifest(options.unfreeze)
-        if result.head is None:
-            reporter.phase("fine-tuning", "did not beat the head-only model on validation; kept that")
-        else:
-            head = result.head
-            fine_tuned_layers = options.unfreeze.layers
-            reporter.phase("embedding", "again, with the fine-tuned encoder")
-            embeddings = {
-                name: embed_texts(encoder, tokenizer, part.texts) for name, part in splits.items()
-            }
-
-    recipe = {
-        "seed": options.seed,
-        "head": asdict(search.best),
-        "head_training": trained.summary(),
-        "search": {"strategy": options.search.strategy, **search.to_manifest()},
-        "unfreeze": unfreeze_record,
-        "splits": {
-            "test": "given" if test is not None else f"stratified {options.test_fraction:.0%}",
-            "validation": f"stratified {options.validation_fraction:.0%}",
-        },
-    }
-    version = build_version(
+    embedded = embed_splits(splits, source_encoder, reporter)
+    recipe = HeadRecipe(options.head, options.search, options.seed, options.unfreeze)
+    fitted = fit_head(embedded, recipe, source_encoder, reporter)
+    version = register_version(
         registry,
-        encoder=encoder,
-        fine_tuned_layers=fine_tuned_layers,
-        encoder_weights_from=None,
-        head=head,
-        labels=labels,
-        tokenizer=tokenizer,
-        splits=splits,
-        embeddings=embeddings,
-        training=recipe,
-        parent=None,
-        data_source=source,
-        reporter=reporter,
-        started=started,
+        fitted,
+        Provenance(
+            data_source=source,
+            training={
+                "splits": {
+                    "test": "given" if test is not None else f"stratified {options.test_fraction:.0%}",
+                    "validation": f"stratified {options.validation_fraction:.0%}",
+                },
+            },
+        ),
+        recipe.seed,
+        reporter,
+        started,
     )
     promoted = False
     if promote:
@@ -265,74 +310,188 @@ def train_version(
     return TrainedVersion(version, promoted, time.perf_counter() - started)
 
 
-def build_version(
+def embed_splits(splits: Splits, source: EncoderSource, reporter: Reporter) -> EmbeddedSplits:
+    """Embed every split with the PyTorch encoder, reporting progress."""
+    assert source.encoder is not None
+    total = sum(len(part) for _, part in splits.items())
+    reporter.phase("embedding", f"{total} texts")
+    embeddings: dict[str, np.ndarray] = {}
+    done = 0
+
+    def progress(n: int, _total: int) -> None:
+        reporter.event("embedded", done=done + n, total=total)
+
+    for name, part in splits.items():
+        embeddings[name] = embed_texts(source.encoder, source.tokenizer, part.texts, progress=progress)
+        done += len(part)
+    return EmbeddedSplits(splits.train.label_set(), splits, embeddings)
+
+
+def fit_head(
+    data: EmbeddedSplits, recipe: HeadRecipe, source: EncoderSource, reporter: Reporter
+) -> FittedHead:
+    """Search the head's configuration, train it, and optionally fine-tune the encoder's top layers.
+
+    The one way a head is fitted, for ``refit train`` and for retraining from feedback alike.
+    """
+    x_train, y_train = data.embeddings["train"], data.y("train")
+    x_val, y_val = data.embeddings["validation"], data.y("validation")
+    config = recipe.config
+    search_record: dict[str, Any] = {"strategy": "none"}
+    if recipe.search.strategy != "none":
+        reporter.phase("searching", recipe.search.strategy)
+        search = search_head(
+            x_train, y_train, x_val, y_val, data.num_classes, config, recipe.search, recipe.seed,
+            on_trial=lambda _i, n, trial: reporter.event("trial", trials=n, **trial),
+        )
+        config = search.best
+        search_record = {"strategy": recipe.search.strategy, **search.to_manifest()}
+
+    if recipe.large_batch_from is not None and len(y_train) >= recipe.large_batch_from:
+        # Large sets: bigger batches (learning rate scaled by the square root) train the head
+        # about 2.5 times faster for the same validation score (bench/retrain_speed.py).
+        scale = (LARGE_BATCH / config.batch_size) ** 0.5
+        config = config.with_overrides(
+            batch_size=LARGE_BATCH, learning_rate=config.learning_rate * scale
+        )
+    warm = recipe.warm_start
+    if warm is not None and warm.hidden_size != config.hidden_size:
+        warm = None  # another architecture was chosen: nothing to start from
+    if warm is not None:
+        config = config.with_overrides(patience=min(config.patience, warm.patience))
+
+    candidates = [config]
+    if recipe.search.strategy == "none" and recipe.choose_class_weighting:
+        candidates = class_weighting_choices(config)
+    reporter.phase("training", f"head on {len(y_train)} examples, {data.num_classes} labels")
+    trained: TrainedHead | None = None
+    weighting_trials = []
+    for candidate in candidates:
+        attempt = train_head(
+            x_train, y_train, x_val, y_val, data.num_classes, candidate, recipe.seed,
+            on_epoch=lambda r: reporter.event("epoch", stage="head", **asdict(r)),
+            warm_start=None if warm is None else (warm.head, warm.class_map),
+        )
+        weighting_trials.append({"class_weighting": candidate.class_weighting,
+                                 "val_macro_f1": round(attempt.val_macro_f1, 6)})
+        if trained is None or attempt.val_macro_f1 > trained.val_macro_f1 + 1e-9:
+            trained, config = attempt, candidate
+    assert trained is not None
+    if len(candidates) > 1:
+        search_record = {**search_record, "class_weighting": {
+            "chosen": config.class_weighting, "scoring": "validation macro-F1",
+            "trials": weighting_trials,
+        }}
+    fitted = FittedHead(
+        head=trained.head, config=config, trained=trained, search=search_record, unfreeze=None,
+        warm_start=None if warm is None else warm.version, encoder=source, data=data,
+    )
+    if recipe.unfreeze.layers > 0:
+        fitted = _unfreeze(fitted, recipe, reporter)
+    return fitted
+
+
+def class_weighting_choices(config: HeadConfig) -> list[HeadConfig]:
+    """``config`` and the same with the other class weighting, to be chosen between on validation.
+
+    Weighting the loss by inverse class frequency helps rare classes on some data and makes the
+    head predict them far too often on other data (issue 9): it is a choice, not a default.
+    """
+    if isinstance(config.class_weighting, bool):
+        return [config, config.with_overrides(class_weighting=not config.class_weighting)]
+    return [config]  # a head whose weighting is not on/off: its search chooses it
+
+
+def _unfreeze(fitted: FittedHead, recipe: HeadRecipe, reporter: Reporter) -> FittedHead:
+    """Fine-tune the encoder's top layers gradually; keep the result only if it beats the head."""
+    source, data = fitted.encoder, fitted.data
+    if source.encoder is None:
+        raise ValueError("fine-tuning needs the PyTorch encoder")
+    layers = recipe.unfreeze.layers
+    reporter.phase("fine-tuning", f"top {layers} encoder layer(s), gradually")
+    result = gradual_unfreeze(
+        source.encoder, source.tokenizer, data.splits.train.texts, data.y("train"),
+        data.splits.validation.texts, data.y("validation"), data.num_classes, fitted.config,
+        recipe.unfreeze, fitted.trained.val_macro_f1, recipe.seed,
+        on_epoch=lambda r: reporter.event("unfreeze_epoch", **asdict(r)),
+    )
+    fitted.unfreeze = result.to_manifest(recipe.unfreeze)
+    if result.head is None:
+        reporter.phase("fine-tuning", "did not beat the head-only model on validation; kept that")
+        return fitted
+    reporter.phase("embedding", "again, with the fine-tuned encoder")
+    embeddings = {
+        name: embed_texts(source.encoder, source.tokenizer, part.texts)
+        for name, part in data.splits.items()
+    }
+    hidden = recipe.unfreeze.head_hidden_size
+    fitted.head = result.head
+    # The head trained with the encoder may have another width: the manifest records the real one.
+    fitted.config = fitted.config.with_overrides(
+        hidden_size=fitted.config.hidden_size if hidden is None else hidden
+    )
+    fitted.encoder = EncoderSource(
+        source.tokenizer, source.encoder,
+        fine_tuned_layers=max(source.fine_tuned_layers, layers),
+    )
+    fitted.data = EmbeddedSplits(data.labels, data.splits, embeddings)
+    return fitted
+
+
+def register_version(
     registry: ModelRegistry,
-    *,
-    encoder: SentenceEncoder | None,
-    fine_tuned_layers: int,
-    encoder_weights_from: Path | None,
-    head: ClassifierHead,
-    labels: list[str],
-    tokenizer: TextTokenizer,
-    splits: Splits,
-    embeddings: dict[str, np.ndarray],
-    training: dict[str, Any],
-    parent: str | None,
-    data_source: str,
+    fitted: FittedHead,
+    provenance: Provenance,
+    seed: int,
     reporter: Reporter,
     started: float,
-    extra: dict[str, Any] | None = None,
-    encoder_onnx_from: Path | None = None,
 ) -> ModelVersion:
     """Export, check, evaluate and commit a version; returns it once visible in the registry.
 
-    With ``encoder_onnx_from`` (an earlier version's ``model.onnx`` whose encoder this version
-    shares unchanged) the encoder graph is reused and only the head is exported
-    (:func:`compose_with_encoder`); ``encoder`` may then be None.
-
-    ``encoder_weights_from`` names a parent version's ``encoder/`` folder to reuse (hard-linked)
-    when the encoder is fine-tuned but unchanged by this training; with ``fine_tuned_layers > 0``
-    and no such folder the encoder's weights are saved anew.
+    The one way a version is written, for ``refit train`` and retraining alike. With
+    ``fitted.encoder.onnx_from`` the encoder graph is reused and only the head is exported
+    (:func:`compose_with_encoder`). With ``weights_from`` a parent's fine-tuned encoder weights are
+    reused (hard-linked); with ``fine_tuned_layers > 0`` and no such folder they are saved anew.
     """
-    index = {label: i for i, label in enumerate(labels)}
+    head, source, data = fitted.head, fitted.encoder, fitted.data
+    splits, embeddings, labels = data.splits, data.embeddings, data.labels
+    tokenizer = source.tokenizer
     with registry.stage() as staged:
         reporter.phase("exporting", "ONNX")
         onnx_path = staged.path / "model.onnx"
-        if encoder_onnx_from is not None:
-            compose_with_encoder(encoder_onnx_from, head, onnx_path)
+        if source.onnx_from is not None:
+            compose_with_encoder(source.onnx_from, head, onnx_path)
             parity = check_head_parity(head, tokenizer, onnx_path, splits.test.texts)
         else:
-            assert encoder is not None
-            export_onnx(encoder, head, tokenizer, onnx_path)
-            parity = check_parity(encoder, head, tokenizer, onnx_path, splits.test.texts)
+            if source.encoder is None:
+                raise ValueError("exporting the encoder graph needs the PyTorch encoder")
+            export_onnx(source.encoder, head, tokenizer, onnx_path)
+            parity = check_parity(source.encoder, head, tokenizer, onnx_path, splits.test.texts)
         shutil.copyfile(tokenizer.path, staged.path / "tokenizer.json")
         (staged.path / "labels.json").write_text(json.dumps(labels, indent=1) + "\n")
         save_head(head, staged.path / "head.npz")
-        if encoder_weights_from is not None:
-            _link_tree(encoder_weights_from, staged.path / "encoder")
-        elif fine_tuned_layers > 0:
-            assert encoder is not None
-            save_encoder_weights(encoder, staged.path / "encoder")
+        if source.weights_from is not None:
+            _link_tree(source.weights_from, staged.path / "encoder")
+        elif source.fine_tuned_layers > 0:
+            if source.encoder is None:
+                raise ValueError("saving fine-tuned weights needs the PyTorch encoder")
+            save_encoder_weights(source.encoder, staged.path / "encoder")
 
         reporter.phase("evaluating", f"{len(splits.test)} held-out examples")
         metrics: dict[str, Any] = {}
         probabilities: dict[str, np.ndarray] = {}
         for name in ("validation", "test"):
-            part = getattr(splits, name)
             probabilities[name] = head_probabilities(head, embeddings[name])
-            y_true = np.array([index[lab] for lab in part.labels])
             metrics[name] = classification_report(
-                y_true, probabilities[name].argmax(axis=1), labels
+                data.y(name), probabilities[name].argmax(axis=1), labels
             )
 
         data_dir = staged.path / "data"
         data_dir.mkdir()
         for name, part in splits.items():
             (data_dir / f"{name}.jsonl").write_text(part.to_jsonl())
-        np.savez(
-            data_dir / "embeddings.npz",
-            **{name: embeddings[name].astype(np.float16) for name, _ in splits.items()},
-        )
+        halves = {name: embeddings[name].astype(np.float16) for name, _ in splits.items()}
+        np.savez(data_dir / "embeddings.npz", **halves)  # type: ignore[arg-type]
         _write_reference(staged.path / "reference.npz", splits, embeddings, probabilities)
 
         encoder_folder = packaged_encoder_dir()
@@ -340,7 +499,7 @@ def build_version(
         weights_file = staged.path / "encoder" / "model.safetensors"
         manifest = {
             "version": None,
-            "parent": parent,
+            "parent": provenance.parent,
             "created_at": utc_now(),
             "labels": labels,
             "encoder": {
@@ -350,15 +509,15 @@ def build_version(
                 # Identifies the weights that produced this version's embeddings: embeddings
                 # logged under versions with the same id can be reused without re-encoding.
                 "id": sha256_file(weights_file) if weights_file.exists() else package_hash,
-                "fine_tuned_layers": fine_tuned_layers,
-                "weights": "encoder/" if fine_tuned_layers else "package",
+                "fine_tuned_layers": source.fine_tuned_layers,
+                "weights": "encoder/" if source.fine_tuned_layers else "package",
                 "pooling": "mean",
                 "normalized": True,
                 "max_seq_length": tokenizer.max_length,
             },
-            "training": training,
+            "training": {**fitted.record(seed), **provenance.training},
             "data": {
-                "source": data_source,
+                "source": provenance.data_source,
                 **{
                     name: {"rows": len(part), "sha256": part.fingerprint(),
                            "labels": len(part.label_counts())}
@@ -369,7 +528,7 @@ def build_version(
             "onnx": {"sha256": sha256_file(onnx_path), "opset": OPSET, "parity": parity},
             "packages": package_versions(),
             "train_seconds": round(time.perf_counter() - started, 3),
-            **(extra or {}),
+            **provenance.extra,
         }
         reporter.phase("registering", str(registry.root))
         return registry.commit(staged, manifest)

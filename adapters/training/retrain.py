@@ -1,21 +1,29 @@
 """Retraining on production feedback: the job that ``POST /retrain`` starts, in its own process.
 
-Run as ``python -m adapters.training.retrain JOB_ID`` (the service does this); settings come from the same
-``REFIT_*`` environment as the server. The job writes its own progress and outcome to the store,
-so its record survives the server that started it.
+Run as ``python -m adapters.training.retrain JOB_ID`` (the service does this); settings come from
+the same ``REFIT_*`` environment as the server. The job writes its own progress and outcome to the
+store, so its record survives the server that started it.
 
-What it trains: a new head on all feedback so far plus a replay sample of the serving version's
-(the champion's) training data, so old classes are not forgotten. Labels seen only in feedback
-become new classes. Feedback on logged predictions reuses the embedding logged with the
-prediction when it came from the champion's encoder; feedback given as text is embedded once, with
-the champion's own ONNX model, and the embedding is cached in the store.
+The job is a short sequence of steps (:func:`run_job`):
 
-The gate: a slice of the feedback (chosen by a hash of its id, so an item stays on the same side
-across jobs) is held out. Champion and challenger are scored on the champion's test split plus the
-held-out feedback on the champion's classes ("old classes"), and the challenger on held-out
-feedback of classes new to it. It is promoted only if it loses no more than the tolerance on the
-old classes and reaches the minimum on the new ones, unless ``force`` is set. The version is
-registered either way, with the decision and both scores in its manifest.
+1. **Collect** the feedback. For a prediction given several labels the latest wins. A label the
+   serving model (the champion) does not know is *pending* until feedback has given it
+   ``REFIT_LABEL_MIN_EXAMPLES`` times (:mod:`adapters.serving.labels`): its items are kept but
+   neither trained on nor judged.
+2. **Embed** it. Feedback on logged predictions reuses the embedding logged with the prediction
+   when it came from the champion's encoder; feedback given as text is embedded once, with the
+   champion's own ONNX model, and the embedding is cached in the store.
+3. **Split**: a slice of each label's feedback (chosen by a hash of its id, so an item stays on the
+   same side across jobs) is held out for the gate; of the rest, some validates. Training data is
+   that feedback plus a replay sample of the champion's training data, so old classes are not
+   forgotten; labels active only in feedback become new classes.
+4. **Fit** the head exactly as ``refit train`` does (:func:`~adapters.training.pipeline.fit_head`),
+   from the champion's chosen configuration (or a new search, with ``search: "grid"``), with class
+   weighting chosen on validation, warm-started from the champion's head.
+5. **Gate**: champion and challenger are judged on the same held-out items
+   (:mod:`adapters.training.gate`).
+6. **Register** the version, either way, with the gate's decision in its manifest.
+7. **Promote** it if the gate passed (or ``force`` is set).
 """
 
 from __future__ import annotations
@@ -29,37 +37,46 @@ import socket
 import sys
 import time
 import traceback
-from dataclasses import asdict
-from pathlib import Path
+from collections import Counter
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from adapters.serving.data import LabelledTexts, stratified_indices
-from adapters.serving.evaluation import accuracy_on
-from adapters.training.head import HeadConfig, head_probabilities, train_head
+from adapters.serving.labels import LabelStatus, label_statuses
 from adapters.serving.registry import ModelRegistry, ModelVersion
 from adapters.serving.runtime import OnnxClassifier
-from adapters.training.search import SearchOptions, search_head
 from adapters.serving.tokenization import TextTokenizer
+from adapters.training.gate import GateRules, HeldOutPredictions, judge
+from adapters.training.head import HeadConfig, head_probabilities
 from adapters.training.pipeline import (
+    EmbeddedSplits,
+    EncoderSource,
+    FittedHead,
+    HeadRecipe,
+    Provenance,
     Splits,
-    build_version,
+    WarmStart,
+    fit_head,
+    register_version,
     version_data,
     version_encoder,
     version_head,
 )
-from adapters.training.unfreeze import UnfreezeConfig, gradual_unfreeze
+from adapters.training.search import SearchOptions
+from adapters.training.unfreeze import UnfreezeConfig
 from refit.errors import ConflictError, RefitError
 from refit.jobs import RetrainOptions
+from refit.logs import configure_logging
 from refit.settings import RefitSettings, load_settings
 from refit.store import Store, StoredFeedback
 
 log = logging.getLogger("refit.retrain")
 
-LARGE_BATCH = 512
 LARGE_BATCH_FROM = 4096
 WARM_PATIENCE = 8
+FEEDBACK_VALIDATION_FRACTION = 0.15
 
 
 class JobReporter:
@@ -92,7 +109,9 @@ class JobReporter:
                 "val_accuracy": round(float(fields.get("val_accuracy", 0.0)), 6),
             }
         elif kind == "trial":
-            self.progress = {**self.progress, "trial": fields.get("trial"), "trials": fields.get("trials")}
+            self.progress = {
+                **self.progress, "trial": fields.get("trial"), "trials": fields.get("trials")
+            }
         self._write()
 
     def _write(self, force: bool = False) -> None:
@@ -100,6 +119,35 @@ class JobReporter:
         if force or now - self._last_write >= 0.5:
             self._last_write = now
             self.store.update_job(self.job_id, phase=self.phase_name, progress=self.progress)
+
+
+@dataclass
+class Feedback:
+    """The feedback a job works from, and the status of every label."""
+
+    items: list[StoredFeedback]
+    """Every item in effect (the latest label per prediction), pending labels included."""
+    statuses: list[LabelStatus]
+
+    @property
+    def pending_labels(self) -> list[str]:
+        return [s.label for s in self.statuses if s.status == "pending"]
+
+    @property
+    def trainable(self) -> list[StoredFeedback]:
+        """Items of active labels: what the job trains and judges on."""
+        pending = set(self.pending_labels)
+        return [item for item in self.items if item.label not in pending]
+
+
+@dataclass
+class RetrainData:
+    """The challenger's splits (embedded by the champion's encoder) and their feedback share."""
+
+    data: EmbeddedSplits
+    new_labels: list[str]
+    feedback_counts: dict[str, int]
+    replay_rows: int
 
 
 def holdout_mask(feedback_ids: list[int], labels: list[str], fraction: float) -> np.ndarray:
@@ -116,17 +164,60 @@ def holdout_mask(feedback_ids: list[int], labels: list[str], fraction: float) ->
     for members in by_label.values():
         if len(members) < 2:
             continue
-        ranked = sorted(members, key=lambda p: hashlib.sha256(str(feedback_ids[p]).encode()).digest())
-        count = min(len(members) - 1, max(1, int(round(len(members) * fraction))))
+        ranked = sorted(
+            members, key=lambda p: hashlib.sha256(str(feedback_ids[p]).encode()).digest()
+        )
+        count = min(len(members) - 1, max(1, round(len(members) * fraction)))
         mask[ranked[:count]] = True
     return mask
+
+
+def latest_per_prediction(rows: list[StoredFeedback]) -> list[StoredFeedback]:
+    """Feedback in effect: for a prediction labelled more than once, only the latest label."""
+    latest: dict[str, int] = {}
+    for row in rows:
+        if row.prediction_id is not None:
+            previous = latest.get(row.prediction_id)
+            if previous is None or row.id > previous:
+                latest[row.prediction_id] = row.id
+    return [row for row in rows if row.prediction_id is None or latest[row.prediction_id] == row.id]
+
+
+# -- the steps of a job ----------------------------------------------------------------------------
+
+
+def collect_feedback(
+    store: Store, champion: ModelVersion, settings: RefitSettings, min_feedback: int
+) -> Feedback:
+    """All feedback in effect, and which labels are active or pending."""
+    rows = latest_per_prediction(store.all_feedback())
+    if len(rows) < min_feedback:
+        raise ConflictError(
+            f"only {len(rows)} labelled feedback items; at least {min_feedback} are needed"
+        )
+    statuses = label_statuses(
+        champion.labels,
+        training_counts=training_label_counts(champion),
+        feedback_counts=dict(Counter(row.label for row in rows)),
+        min_examples=settings.label_min_examples,
+        max_new=settings.retrain_max_new_labels,
+    )
+    return Feedback(rows, statuses)
+
+
+def training_label_counts(version: ModelVersion) -> dict[str, int]:
+    """Examples per label in a version's training split."""
+    from adapters.serving.data import read_jsonl
+
+    path = version.path / "data" / "train.jsonl"
+    return dict(read_jsonl(path).label_counts()) if path.exists() else {}
 
 
 def feedback_embeddings(
     rows: list[StoredFeedback], champion: ModelVersion, store: Store, reporter: JobReporter
 ) -> np.ndarray:
-    """Embeddings of every feedback item by the champion's encoder, computing only what's missing."""
-    encoder_id = champion.manifest["encoder"]["id"]
+    """Embeddings of feedback items by the champion's encoder, computing only what's missing."""
+    encoder_id = champion.encoder_id
     vectors = np.zeros((len(rows), 384), dtype=np.float32)
     missing: list[int] = []
     for position, row in enumerate(rows):
@@ -148,163 +239,180 @@ def feedback_embeddings(
     return vectors
 
 
-def run_job(job_id: str, settings: RefitSettings, store: Store) -> dict[str, Any]:
-    started = time.perf_counter()
-    options: RetrainOptions = store.get_job(job_id).options
-    reporter = JobReporter(store, job_id)
-    store.update_job(job_id, phase="collecting", pid=os.getpid(), host=socket.gethostname())
-    reporter.phase_name = "collecting"
+def split_data(
+    champion: ModelVersion,
+    items: list[StoredFeedback],
+    vectors: np.ndarray,
+    settings: RefitSettings,
+    seed: int,
+) -> RetrainData:
+    """The challenger's train/validation/test splits, from the champion's data and feedback.
 
-    registry = ModelRegistry(settings.registry_path)
-    champion = registry.current()
-    if champion is None:
-        raise ConflictError("no current model version to retrain from")
-    rows = store.all_feedback()
-    if len(rows) < options.min_feedback:
-        raise ConflictError(
-            f"only {len(rows)} labelled feedback items; at least {options.min_feedback} are needed"
-        )
-    reporter.phase("collecting", f"{len(rows)} feedback items; champion {champion.name}")
-    old_labels = champion.labels
-    feedback_labels = [row.label for row in rows]
-    labels = sorted(set(old_labels) | set(feedback_labels))
-    new_labels = sorted(set(labels) - set(old_labels))
-    index = {label: i for i, label in enumerate(labels)}
-
-    vectors = feedback_embeddings(rows, champion, store, reporter)
-    held = holdout_mask([row.id for row in rows], feedback_labels, settings.retrain_holdout_fraction)
-    fb_train = np.flatnonzero(~held)
-    fb_hold = np.flatnonzero(held)
+    Test (what the gate judges on) is the champion's test split plus held-out feedback; validation
+    (early stopping, search) is the champion's plus some training feedback, so that new classes
+    are validated too; train is a replay sample of the champion's training data plus the rest.
+    """
+    labels_of = [item.label for item in items]
+    held = holdout_mask([item.id for item in items], labels_of, settings.retrain_holdout_fraction)
+    fb_train, fb_hold = np.flatnonzero(~held), np.flatnonzero(held)
+    fit_idx, val_idx = stratified_indices(
+        [labels_of[p] for p in fb_train], FEEDBACK_VALIDATION_FRACTION, seed
+    )
+    fb_fit, fb_val = fb_train[fit_idx], fb_train[val_idx]
 
     champion_splits, champion_embeddings = version_data(champion)
-    rng = np.random.default_rng(options.seed)
+    rng = np.random.default_rng(seed)
     replay_n = min(settings.retrain_replay_rows, len(champion_splits.train))
     replay = np.sort(rng.choice(len(champion_splits.train), replay_n, replace=False))
 
     def texts_of(positions: np.ndarray) -> LabelledTexts:
-        return LabelledTexts.of([rows[p].text for p in positions], [rows[p].label for p in positions])
+        return LabelledTexts.of([items[p].text for p in positions], [labels_of[p] for p in positions])
 
-    # Part of the training feedback validates (early stopping needs the new classes too).
-    fb_train_labels = [rows[p].label for p in fb_train]
-    fit_idx, val_idx = stratified_indices(fb_train_labels, 0.15, options.seed)
-    # Labels with too few items keep them all for fitting.
-    fb_fit, fb_val = fb_train[fit_idx], fb_train[val_idx]
-
-    train = champion_splits.train.subset(replay) + texts_of(fb_fit)
-    validation = champion_splits.validation + texts_of(fb_val)
-    test = champion_splits.test + texts_of(fb_hold)
-    splits = Splits(train, validation, test)
+    splits = Splits(
+        champion_splits.train.subset(replay) + texts_of(fb_fit),
+        champion_splits.validation + texts_of(fb_val),
+        champion_splits.test + texts_of(fb_hold),
+    )
     embeddings = {
         "train": np.concatenate([champion_embeddings["train"][replay], vectors[fb_fit]]),
         "validation": np.concatenate([champion_embeddings["validation"], vectors[fb_val]]),
         "test": np.concatenate([champion_embeddings["test"], vectors[fb_hold]]),
     }
-    y = {name: np.array([index[label] for label in part.labels]) for name, part in splits.items()}
+    labels = sorted(set(champion.labels) | set(labels_of))
+    return RetrainData(
+        data=EmbeddedSplits(labels, splits, embeddings),
+        new_labels=sorted(set(labels) - set(champion.labels)),
+        feedback_counts={"train": len(fb_fit), "validation": len(fb_val), "held_out": len(fb_hold)},
+        replay_rows=int(replay_n),
+    )
 
-    champion_config = HeadConfig(**champion.manifest["training"]["head"])
-    head_config = champion_config
-    search_record: dict[str, Any] = {"strategy": "none"}
-    if options.search == "grid":
-        reporter.phase("searching", "grid")
-        search = search_head(
-            embeddings["train"], y["train"], embeddings["validation"], y["validation"],
-            len(labels), head_config, SearchOptions("grid"), options.seed,
-            on_trial=lambda _i, n, trial: reporter.event("trial", trials=n, **trial),
-        )
-        head_config = search.best
-        search_record = {"strategy": "grid", **search.to_manifest()}
 
-    if len(train) >= LARGE_BATCH_FROM:
-        # Large sets: bigger batches (learning rate scaled by the square root) train the head
-        # about 2.5 times faster for the same validation score (bench/retrain_speed.py).
-        scale = (LARGE_BATCH / head_config.batch_size) ** 0.5
-        head_config = head_config.with_overrides(
-            batch_size=LARGE_BATCH, learning_rate=head_config.learning_rate * scale
-        )
-    # Warm start from the champion's head when the architecture is the same: on banking77 with
-    # 10k feedback items it converges in half the epochs to a better validation score than a
-    # head trained from scratch (BENCHMARKS.md), and it needs less patience.
+def retrain_recipe(champion: ModelVersion, labels: list[str], options: RetrainOptions) -> HeadRecipe:
+    """The champion's own recipe (its chosen head configuration), warm-started from its head."""
+    config = HeadConfig(**champion.manifest["training"]["head"])
     warm_start = None
-    if (champion.path / "head.npz").exists() and head_config.hidden_size == champion_config.hidden_size:
-        warm_start = (version_head(champion), [index[label] for label in old_labels])
-        head_config = head_config.with_overrides(patience=min(head_config.patience, WARM_PATIENCE))
-    reporter.phase("training", f"head on {len(train)} examples, {len(labels)} labels")
-    trained = train_head(
-        embeddings["train"], y["train"], embeddings["validation"], y["validation"], len(labels),
-        head_config, options.seed, on_epoch=lambda r: reporter.event("epoch", **asdict(r)),
-        warm_start=warm_start,
-    )
-    head = trained.head
-    tokenizer = TextTokenizer(champion.path / "tokenizer.json",
-                              champion.manifest["encoder"]["max_seq_length"])
-    fine_tuned = champion.manifest["encoder"].get("fine_tuned_layers", 0)
-    weights_from = champion.path / "encoder" if fine_tuned else None
-    # Head-only: the champion's encoder graph is reused; PyTorch never loads the encoder.
-    encoder = None
-    encoder_onnx_from: Path | None = champion.onnx_path
-    unfreeze_record = None
-    if options.unfreeze_layers > 0:
-        from adapters.training.encoder import embed_texts
-
-        encoder = version_encoder(champion)
-        reporter.phase("fine-tuning", f"top {options.unfreeze_layers} layer(s)")
-        result = gradual_unfreeze(
-            encoder, tokenizer, train.texts, y["train"], validation.texts, y["validation"],
-            len(labels), head_config, UnfreezeConfig(layers=options.unfreeze_layers),
-            trained.val_macro_f1, options.seed,
-            on_epoch=lambda r: reporter.event("unfreeze_epoch", **asdict(r)),
+    if (champion.path / "head.npz").exists():
+        # Warm start: on banking77 with 10k feedback items a head converges in half the epochs to
+        # a better validation score than one trained from scratch (BENCHMARKS.md).
+        index = {label: i for i, label in enumerate(labels)}
+        warm_start = WarmStart(
+            head=version_head(champion), hidden_size=config.hidden_size,
+            class_map=[index[label] for label in champion.labels], version=champion.name,
+            patience=WARM_PATIENCE,
         )
-        unfreeze_record = result.to_manifest(UnfreezeConfig(layers=options.unfreeze_layers))
-        if result.head is not None:
-            head = result.head
-            fine_tuned = max(fine_tuned, options.unfreeze_layers)
-            weights_from = None
-            encoder_onnx_from = None
-            reporter.phase("embedding", "with the fine-tuned encoder")
-            embeddings = {name: embed_texts(encoder, tokenizer, part.texts) for name, part in splits.items()}
-
-    reporter.phase("evaluating", "champion against challenger")
-    gate = decide(
-        champion=champion, champion_test_embeddings=champion_embeddings["test"],
-        champion_holdout_embeddings=vectors[fb_hold], holdout_labels=[rows[p].label for p in fb_hold],
-        champion_test_labels=list(champion_splits.test.labels), champion_texts=list(test.texts),
-        challenger=head, labels=labels,
-        challenger_test_embeddings=embeddings["test"], new_labels=new_labels,
-        settings=settings, force=options.force,
+    return HeadRecipe(
+        config=config,
+        search=SearchOptions(strategy="grid" if options.search == "grid" else "none"),
+        seed=options.seed,
+        unfreeze=UnfreezeConfig(layers=options.unfreeze_layers),
+        warm_start=warm_start,
+        large_batch_from=LARGE_BATCH_FROM,
+        # Class weighting is chosen on this data's validation split: feedback brings new classes
+        # far smaller than the replayed ones, where inverse-frequency weights over-predict them.
+        choose_class_weighting=True,
     )
-    version = build_version(
-        registry,
-        encoder=encoder,
+
+
+def champion_encoder(champion: ModelVersion, unfreeze_layers: int) -> EncoderSource:
+    """The champion's encoder, as the challenger starts with it.
+
+    Head-only, the champion's ONNX encoder graph is reused and PyTorch never loads the encoder;
+    fine-tuning needs the PyTorch encoder (with the champion's fine-tuned weights, if any).
+    """
+    fine_tuned = int(champion.manifest["encoder"].get("fine_tuned_layers", 0))
+    return EncoderSource(
+        tokenizer=TextTokenizer(
+            champion.path / "tokenizer.json", champion.manifest["encoder"]["max_seq_length"]
+        ),
+        encoder=version_encoder(champion) if unfreeze_layers > 0 else None,
+        onnx_from=champion.onnx_path,
+        weights_from=champion.path / "encoder" if fine_tuned else None,
         fine_tuned_layers=fine_tuned,
-        encoder_weights_from=weights_from,
-        head=head,
-        labels=labels,
-        tokenizer=tokenizer,
-        splits=splits,
-        embeddings=embeddings,
-        training={
-            "seed": options.seed,
-            "head": asdict(head_config),
-            "head_training": trained.summary(),
-            "search": search_record,
-            "unfreeze": unfreeze_record,
-            "retrain": {
-                "warm_start": champion.name if warm_start is not None else None,
-                "job_id": job_id,
-                "feedback_items": len(rows),
-                "feedback_train": int(len(fb_fit)),
-                "feedback_validation": int(len(fb_val)),
-                "feedback_held_out": int(len(fb_hold)),
-                "replay_rows": int(replay_n),
-                "new_labels": new_labels,
+    )
+
+
+def gate_challenger(
+    champion: ModelVersion,
+    judged: EmbeddedSplits,
+    fitted: FittedHead,
+    new_labels: list[str],
+    settings: RefitSettings,
+    force: bool,
+) -> dict[str, Any]:
+    """Champion and challenger on the same held-out items (the test split), and the decision.
+
+    ``judged`` is the data as the champion's encoder embedded it; the challenger's own embeddings
+    (different only if it fine-tuned the encoder) are in ``fitted.data``.
+    """
+    test = judged.splits.test
+    if (champion.path / "head.npz").exists():
+        scores = head_probabilities(version_head(champion), judged.embeddings["test"])
+    else:  # a version from before heads were stored: run its ONNX model on the texts
+        scores = OnnxClassifier(champion.path).predict(list(test.texts)).probabilities
+    challenger_scores = head_probabilities(fitted.head, fitted.data.embeddings["test"])
+    predictions = HeldOutPredictions(
+        truth=list(test.labels),
+        champion=[champion.labels[i] for i in scores.argmax(axis=1)],
+        challenger=[fitted.data.labels[i] for i in challenger_scores.argmax(axis=1)],
+    )
+    return judge(
+        predictions, champion.name, champion.labels, new_labels,
+        GateRules.from_settings(settings), force,
+    )
+
+
+def run_job(job_id: str, settings: RefitSettings, store: Store) -> dict[str, Any]:
+    """Run retrain job ``job_id`` from start to end; returns its result (what the record shows)."""
+    started = time.perf_counter()
+    options: RetrainOptions = store.get_job(job_id).options
+    reporter = JobReporter(store, job_id)
+    store.update_job(job_id, phase="collecting", pid=os.getpid(), host=socket.gethostname())
+    reporter.phase_name = "collecting"
+    registry = ModelRegistry(settings.registry_path)
+    champion = registry.current()
+    if champion is None:
+        raise ConflictError("no current model version to retrain from")
+
+    feedback = collect_feedback(store, champion, settings, options.min_feedback)
+    items = feedback.trainable
+    pending = feedback.pending_labels
+    reporter.phase(
+        "collecting",
+        f"{len(feedback.items)} feedback items ({len(items)} on active labels); "
+        f"champion {champion.name}",
+    )
+    vectors = feedback_embeddings(items, champion, store, reporter)
+    split = split_data(champion, items, vectors, settings, options.seed)
+    recipe = retrain_recipe(champion, split.data.labels, options)
+    fitted = fit_head(
+        split.data, recipe, champion_encoder(champion, options.unfreeze_layers), reporter
+    )
+    reporter.phase("evaluating", "champion against challenger")
+    gate = gate_challenger(champion, split.data, fitted, split.new_labels, settings, options.force)
+    version = register_version(
+        registry,
+        fitted,
+        Provenance(
+            data_source=f"feedback ({len(items)} items) + replay of {champion.name}",
+            parent=champion.name,
+            training={
+                "retrain": {
+                    "warm_start": fitted.warm_start,
+                    "job_id": job_id,
+                    "feedback_items": len(feedback.items),
+                    "feedback_train": split.feedback_counts["train"],
+                    "feedback_validation": split.feedback_counts["validation"],
+                    "feedback_held_out": split.feedback_counts["held_out"],
+                    "replay_rows": split.replay_rows,
+                    "new_labels": split.new_labels,
+                    "pending_labels": pending,
+                },
             },
-        },
-        parent=champion.name,
-        data_source=f"feedback ({len(rows)} items) + replay of {champion.name}",
-        reporter=reporter,
-        started=started,
-        extra={"gate": gate},
-        encoder_onnx_from=encoder_onnx_from,
+            extra={"gate": gate},
+        ),
+        recipe.seed,
+        reporter,
+        started,
     )
     promoted = False
     if gate["promote"]:
@@ -321,83 +429,12 @@ def run_job(job_id: str, settings: RefitSettings, store: Store) -> dict[str, Any
         "gate": gate,
         "metrics": {"accuracy": test["accuracy"], "macro_f1": test["macro_f1"],
                     "examples": test["examples"]},
-        "labels": labels,
-        "new_labels": new_labels,
-        "feedback_items": len(rows),
+        "labels": version.labels,
+        "new_labels": split.new_labels,
+        "pending_labels": pending,
+        "label_status": [asdict(status) for status in feedback.statuses],
+        "feedback_items": len(feedback.items),
         "train_seconds": round(time.perf_counter() - started, 3),
-    }
-
-
-def decide(
-    *,
-    champion: ModelVersion,
-    champion_test_embeddings: np.ndarray,
-    champion_holdout_embeddings: np.ndarray,
-    holdout_labels: list[str],
-    champion_test_labels: list[str],
-    champion_texts: list[str],
-    challenger: Any,
-    labels: list[str],
-    challenger_test_embeddings: np.ndarray,
-    new_labels: list[str],
-    settings: RefitSettings,
-    force: bool,
-) -> dict[str, Any]:
-    """Champion/challenger scores on the held-out data and the promotion decision."""
-    old_labels = champion.labels
-    # The challenger's test split is the champion's test split followed by the held-out feedback.
-    truth = champion_test_labels + holdout_labels
-    is_old = np.array([label in set(old_labels) for label in truth])
-    is_new = ~is_old
-    challenger_pred = head_probabilities(challenger, challenger_test_embeddings).argmax(axis=1)
-    challenger_labels = np.array([labels[i] for i in challenger_pred])
-    if (champion.path / "head.npz").exists():
-        champion_inputs = np.concatenate([champion_test_embeddings, champion_holdout_embeddings])
-        champion_pred = head_probabilities(version_head(champion), champion_inputs).argmax(axis=1)
-    else:  # a version from before heads were stored: run its ONNX model on the texts
-        champion_pred = OnnxClassifier(champion.path).predict(champion_texts).probabilities.argmax(axis=1)
-    champion_labels = np.array([old_labels[i] for i in champion_pred])
-    truth_arr = np.array(truth)
-    old_champion = accuracy_on(truth_arr, champion_labels, is_old)
-    old_challenger = accuracy_on(truth_arr, challenger_labels, is_old)
-    new_challenger = accuracy_on(truth_arr, challenger_labels, is_new)
-    per_new = {
-        label: accuracy_on(truth_arr, challenger_labels, truth_arr == label) for label in new_labels
-    }
-    unverifiable = [label for label, value in per_new.items() if value is None]
-    reasons: list[str] = []
-    if old_champion is not None and old_challenger is not None:
-        if old_challenger < old_champion - settings.gate_tolerance:
-            reasons.append(
-                f"accuracy on the old classes fell from {old_champion:.4f} to {old_challenger:.4f} "
-                f"(tolerance {settings.gate_tolerance})"
-            )
-    if new_challenger is not None and new_challenger < settings.gate_min_new_class_accuracy:
-        reasons.append(
-            f"accuracy on new classes {new_challenger:.4f} is below the minimum "
-            f"{settings.gate_min_new_class_accuracy}"
-        )
-    if unverifiable:
-        reasons.append(
-            "no held-out feedback to verify new class(es) "
-            + ", ".join(unverifiable)
-            + " (each needs at least 2 feedback items)"
-        )
-    passed = not reasons
-    return {
-        "promote": passed or force,
-        "passed": passed,
-        "forced": force and not passed,
-        "reason": "; ".join(reasons) if reasons else "not worse on old classes; new classes good enough",
-        "tolerance": settings.gate_tolerance,
-        "min_new_class_accuracy": settings.gate_min_new_class_accuracy,
-        "champion": {"version": champion.name, "old_classes_accuracy": old_champion},
-        "challenger": {
-            "old_classes_accuracy": old_challenger,
-            "new_classes_accuracy": new_challenger,
-            "per_new_class_accuracy": per_new,
-        },
-        "examples": {"old_classes": int(is_old.sum()), "new_classes": int(is_new.sum())},
     }
 
 
@@ -426,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     # Niced, the job yields the CPU to serving workers whenever they need it.
     torch.set_num_threads(2)
     settings = load_settings()
+    configure_logging(settings)
     store = Store.from_url(settings.resolved_database_url)
     job_id = args.job_id
     try:
