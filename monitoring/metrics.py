@@ -107,6 +107,22 @@ class RefitMetrics:
             multiprocess_mode="liveall",
         )
 
+    # -- feedback memory -------------------------------------------------------------------------
+    @cached_property
+    def memory_answers(self) -> Counter:
+        return Counter(
+            "refit_memory_answers_total",
+            "Predictions the feedback memory answered (source \"feedback\") instead of the model.",
+        )
+
+    @cached_property
+    def memory_entries(self) -> Gauge:
+        return Gauge(
+            "refit_memory_entries",
+            "Feedback examples in a worker's memory (pid label: the worker).",
+            multiprocess_mode="liveall",
+        )
+
     # -- model versions and swaps --------------------------------------------------------------
     @cached_property
     def model_info(self) -> Gauge:

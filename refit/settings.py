@@ -95,6 +95,15 @@ class RefitSettings(BaseSettings):
     swap_poll_interval_s: float = Field(1.0, gt=0, le=60)
     """How often each worker checks the registry's ``current`` pointer."""
 
+    # -- feedback memory --------------------------------------------------------------------------
+    memory_enabled: bool = True
+    """Answer predictions close to a labelled feedback example with that example's label, before
+    any retrain (``"source": "feedback"``). Each worker keeps the memory in step with the store
+    and rebuilds it for every model version it loads."""
+    memory_poll_interval_s: float = Field(0.5, gt=0, le=60)
+    """How often each worker reads new, changed and deleted feedback into its memory: feedback is
+    in effect in every worker within about this long."""
+
     # -- admin ------------------------------------------------------------------------------------
     admin_token: SecretStr | None = None
     """Bearer token for the admin endpoints (retrain, promote, relabel, delete), at least 16

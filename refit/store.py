@@ -6,6 +6,13 @@ survives a crash of the process or the machine; every write is one transaction.
 
 Embeddings are float32 vectors stored as bytes, tagged with the id of the encoder that produced
 them (``encoder_id``): retraining reuses an embedding only when its encoder is the one it trains on.
+
+Every change to feedback (insert, relabel, deletion, an earlier label replaced by a newer one) also
+appends a row to ``feedback_events`` in the same transaction: a change feed, ordered by ``seq``,
+that every serving worker follows to keep its feedback memory current
+(:meth:`Store.feedback_changes`). On PostgreSQL the writers of events take one transaction-level
+advisory lock first, so sequence numbers are handed out in commit order and a follower reading
+"everything after seq N" can never skip a change committed late.
 """
 
 from __future__ import annotations
@@ -37,7 +44,8 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy import text as sql_text
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.types import TypeDecorator
 
@@ -98,6 +106,19 @@ feedback = Table(
     Column("embedding", LargeBinary, nullable=True),
     Column("encoder_id", String(64), nullable=True),
 )
+
+feedback_events = Table(
+    "feedback_events",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("feedback_id", Integer, nullable=False),
+    # The item's label after the change; NULL: the item was deleted.
+    Column("label", String(200), nullable=True),
+    Column("created_at", Float, nullable=False),
+)
+
+# Any constant: the key of the advisory lock that orders feedback events on PostgreSQL.
+_EVENTS_LOCK_KEY = 0x7265666974  # "refit"
 
 retrain_jobs = Table(
     "retrain_jobs",
@@ -196,6 +217,23 @@ class LabelFeedbackStats:
     items: int
     on_predictions: int
     predicted_right: int
+
+
+@dataclass(frozen=True)
+class FeedbackEvent:
+    """One change to feedback, as the change feed reports it.
+
+    ``label`` is the item's label after the change, ``None`` when it was deleted. ``text``,
+    ``embedding`` and ``encoder_id`` are the item's as stored now (``text`` is ``None`` when the
+    item is gone: a later event deletes it).
+    """
+
+    seq: int
+    feedback_id: int
+    label: str | None
+    text: str | None
+    embedding: np.ndarray | None
+    encoder_id: str | None
 
 
 @dataclass(frozen=True)
@@ -358,6 +396,8 @@ class Store:
         ids: list[int] = []
         replaced: list[ReplacedFeedback] = []
         with self.engine.begin() as conn:
+            self._lock_events(conn)
+            events: list[dict[str, Any]] = []
             for item in items:
                 if item.prediction_id is not None:
                     earlier = conn.execute(
@@ -373,8 +413,12 @@ class Store:
                             ReplacedFeedback(item.prediction_id, row.label, int(row.id))
                             for row in earlier
                         ]
+                        events += [_event(int(row.id), None, now) for row in earlier]
                 result = conn.execute(insert(feedback).values(created_at=now, **item.__dict__))
                 ids.append(int(result.inserted_primary_key[0]))
+                events.append(_event(ids[-1], item.label, now))
+            if events:
+                conn.execute(insert(feedback_events), events)
         # ``ids`` stays aligned with ``items``: an item a later one in the same call replaced
         # keeps its (now deleted) id there, and is listed in ``replaced`` too.
         return FeedbackInsert(ids, replaced)
@@ -399,9 +443,12 @@ class Store:
     def relabel_feedback(self, feedback_id: int, label: str) -> FeedbackEntry:
         """Give feedback item ``feedback_id`` another label; 404 if there is no such item."""
         with self.engine.begin() as conn:
+            self._lock_events(conn)
             changed = conn.execute(
                 update(feedback).where(feedback.c.id == feedback_id).values(label=label)
             ).rowcount
+            if changed:
+                conn.execute(insert(feedback_events), [_event(feedback_id, label, time.time())])
         if not changed:
             raise NotFoundError(f"no feedback item {feedback_id}", field="feedback_id")
         [entry] = self.list_feedback(FeedbackQuery(limit=1, before_id=feedback_id + 1))
@@ -410,9 +457,53 @@ class Store:
     def delete_feedback(self, feedback_id: int) -> None:
         """Delete feedback item ``feedback_id``; 404 if there is no such item."""
         with self.engine.begin() as conn:
+            self._lock_events(conn)
             deleted = conn.execute(delete(feedback).where(feedback.c.id == feedback_id)).rowcount
+            if deleted:
+                conn.execute(insert(feedback_events), [_event(feedback_id, None, time.time())])
         if not deleted:
             raise NotFoundError(f"no feedback item {feedback_id}", field="feedback_id")
+
+    def _lock_events(self, conn: Connection) -> None:
+        """Order this transaction's feedback events after every earlier commit's (PostgreSQL).
+
+        A sequence hands out numbers at insert time, not at commit: without the lock, a
+        transaction holding seq 5 could commit after one holding seq 6, and a follower that had
+        already read up to 6 would never see 5. The lock is held to the end of the transaction.
+        SQLite serialises writers anyway.
+        """
+        if self.dialect == "postgresql":
+            conn.execute(sql_text("SELECT pg_advisory_xact_lock(:key)"), {"key": _EVENTS_LOCK_KEY})
+
+    def feedback_changes(self, after_seq: int, limit: int = 1000) -> list[FeedbackEvent]:
+        """Changes to feedback with ``seq`` greater than ``after_seq``, in ``seq`` order (at
+        most ``limit``), each with the item's text and embedding as stored now."""
+        statement = (
+            select(
+                feedback_events.c.seq, feedback_events.c.feedback_id, feedback_events.c.label,
+                feedback.c.text, feedback.c.embedding, feedback.c.encoder_id,
+            )
+            .select_from(
+                feedback_events.outerjoin(feedback, feedback.c.id == feedback_events.c.feedback_id)
+            )
+            .where(feedback_events.c.seq > after_seq)
+            .order_by(feedback_events.c.seq)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [
+                FeedbackEvent(
+                    int(row.seq), int(row.feedback_id), row.label, row.text,
+                    bytes_vector(row.embedding), row.encoder_id,
+                )
+                for row in conn.execute(statement)
+            ]
+
+    def latest_feedback_seq(self) -> int:
+        """The sequence number of the latest change to feedback (0 before any)."""
+        with self.engine.connect() as conn:
+            value = conn.execute(select(func.max(feedback_events.c.seq))).scalar()
+        return int(value or 0)
 
     def feedback_label_stats(self) -> dict[str, LabelFeedbackStats]:
         """Per label given by feedback: items, items on logged predictions, and how many of
@@ -534,6 +625,10 @@ class Store:
                 select(retrain_jobs).order_by(retrain_jobs.c.created_at.desc()).limit(limit)
             ).all()
         return [_job(row._asdict()) for row in rows]
+
+
+def _event(feedback_id: int, label: str | None, at: float) -> dict[str, Any]:
+    return {"feedback_id": feedback_id, "label": label, "created_at": at}
 
 
 def _job(row: dict[str, Any]) -> Job:

@@ -68,6 +68,7 @@ from service.schemas import (
     FeedbackResponse,
     IndexResponse,
     LabelsResponse,
+    MemoryResponse,
     ModelsResponse,
     PredictRequest,
     PredictResponse,
@@ -288,6 +289,9 @@ class Api:
     async def labels(self, request: Request) -> Response:
         return json_response(LabelsResponse.from_overview(await self.plane.labels()))
 
+    async def memory(self, request: Request) -> Response:
+        return json_response(MemoryResponse.from_state(self.plane.memory_state(), os.getpid()))
+
     async def models(self, request: Request) -> Response:
         return json_response(ModelsResponse.from_overview(self.plane.models()))
 
@@ -393,6 +397,9 @@ def operations(api: Api | None) -> list[Operation]:
         Operation("GET", "/labels", "labels",
                   "Per label: status (active or pending), training examples, feedback, recall",
                   h("labels"), response=LabelsResponse, tag="feedback"),
+        Operation("GET", "/memory", "memory",
+                  "This worker's feedback memory: size, thresholds, calibration", h("memory"),
+                  response=MemoryResponse, tag="feedback"),
         Operation("GET", "/models", "models",
                   "Versions, their metrics, and what this worker serves", h("models"),
                   response=ModelsResponse, tag="models"),

@@ -1,8 +1,9 @@
 """The composition root: the one place that builds the service's parts from the settings.
 
-``build_data_plane(settings)`` makes the store, registry, model holder, prediction log, retrain
-jobs, monitor leader and batcher and hands them to :class:`~service.dataplane.DataPlane` fully
-formed. ``service/app.py`` calls it in each worker's start-up hook; tests call it in-process.
+``build_data_plane(settings)`` makes the store, registry, model holder, feedback memory,
+prediction log, retrain jobs, monitor leader and batcher and hands them to
+:class:`~service.dataplane.DataPlane` fully formed. ``service/app.py`` calls it in each worker's
+start-up hook; tests call it in-process.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from refit.store import Store
 from service.batching import AdaptiveBatcher
 from service.dataplane import DataPlane, initialise_metrics, run_observed_batch
 from service.jobs import RetrainJobs
+from service.memory import FeedbackMemoryKeeper
 from service.prediction_log import PredictionLog
 from service.predictor import BatchOutput, ModelHolder
 
@@ -44,8 +46,17 @@ def build_data_plane(settings: RefitSettings, *, run_drift_job: bool = True) -> 
     store = Store.from_url(settings.resolved_database_url)
     registry = ModelRegistry(settings.registry_path)
     holder = ModelHolder(registry, settings.ort_threads, settings.swap_poll_interval_s)
+    memory = (
+        FeedbackMemoryKeeper(
+            store, holder, settings.memory_poll_interval_s,
+            # As the model watcher: onnxruntime's own threads would inherit a lower priority.
+            nice=settings.ort_threads == 1,
+        )
+        if settings.memory_enabled
+        else None
+    )
     batcher: AdaptiveBatcher[BatchOutput] = AdaptiveBatcher(
-        functools.partial(run_observed_batch, holder),
+        functools.partial(run_observed_batch, holder, memory),
         max_batch_size=settings.batch_max_size,
         max_queued=max(1024, settings.batch_max_size * 32),
         concurrency=settings.inference_threads,
@@ -65,6 +76,7 @@ def build_data_plane(settings: RefitSettings, *, run_drift_job: bool = True) -> 
         jobs=RetrainJobs(settings, store),
         monitor=MonitorLeader(settings.data_dir) if run_drift_job else NoDriftJob(),
         batcher=batcher,
+        memory=memory,
     )
 
 

@@ -41,6 +41,7 @@ from refit.store import (
 )
 from service.batching import AdaptiveBatcher
 from service.jobs import JOB_ID, RetrainJobs
+from service.memory import FeedbackMemoryKeeper, MemoryState, embed_texts
 from service.prediction_log import PredictionLog
 from service.security import inline_script_policy
 from service.predictor import BatchOutput, ModelHolder
@@ -62,10 +63,18 @@ def prediction_id_time(prediction_id: str) -> float | None:
 
 @dataclass(frozen=True)
 class PredictionResult:
+    """One answer. ``label`` is what is served: the feedback memory's label when it answered
+    (``source == "feedback"``, with the feedback item's id and its similarity), else the model's.
+    ``confidence`` is always the model's probability of ``label`` (0 for a label the model does
+    not know) and ``scores`` the model's probabilities."""
+
     prediction_id: str
     label: str
     confidence: float
     scores: dict[str, float]
+    source: str = "model"
+    feedback_id: int | None = None
+    similarity: float | None = None
 
 
 @dataclass(frozen=True)
@@ -133,19 +142,48 @@ class BackgroundTask(Protocol):
     def stop(self) -> None: ...
 
 
-def run_observed_batch(holder: ModelHolder, texts: list[str]) -> BatchOutput:
-    """One inference batch on the serving version, counted in the prediction metrics."""
+def run_observed_batch(
+    holder: ModelHolder, memory: FeedbackMemoryKeeper | None, texts: list[str]
+) -> BatchOutput:
+    """One inference batch on the serving version, looked up in the feedback memory (once for
+    the whole batch) and counted in the prediction metrics by served label."""
     output = holder.run_batch(texts)
+    model = output.model
+    labels = model.labels
     m = metrics()
-    labels = output.model.labels
-    counts = np.bincount(output.predicted, minlength=len(labels))
+    matches = memory.lookup(model, output.embeddings) if memory is not None else None
+    if matches is not None and matches.answered.any():
+        answered = matches.answered
+        output = replace(output, matches=matches)
+        by_model = output.predicted[~answered]
+        confidence = output.confidence.copy()
+        served: dict[str, int] = {}
+        for row in np.flatnonzero(answered).tolist():
+            label = matches.labels[row]
+            assert label is not None  # answered rows carry a label
+            served[label] = served.get(label, 0) + 1
+            confidence[row] = model_probability(output.probabilities[row], labels, label)
+        m.memory_answers.inc(int(answered.sum()))
+        for label, count in served.items():
+            m.predictions.labels(label=label, model_version=model.version).inc(count)
+    else:
+        by_model, confidence = output.predicted, output.confidence
+    counts = np.bincount(by_model, minlength=len(labels))
     for index in np.flatnonzero(counts):
-        m.predictions.labels(label=labels[index], model_version=output.model.version).inc(
+        m.predictions.labels(label=labels[index], model_version=model.version).inc(
             int(counts[index])
         )
-    for value in output.confidence.tolist():
+    for value in confidence.tolist():
         m.confidence.observe(value)
     return output
+
+
+def model_probability(probabilities: np.ndarray, labels: Sequence[str], label: str) -> float:
+    """The model's probability of ``label``; 0 for a label it does not know (a new label)."""
+    try:
+        return float(probabilities[labels.index(label)])
+    except ValueError:
+        return 0.0
 
 
 class DataPlane:
@@ -165,6 +203,7 @@ class DataPlane:
         jobs: RetrainJobs,
         monitor: BackgroundTask,
         batcher: AdaptiveBatcher[BatchOutput],
+        memory: FeedbackMemoryKeeper | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -174,6 +213,8 @@ class DataPlane:
         self.jobs = jobs
         self.monitor = monitor
         self.batcher = batcher
+        self.memory = memory
+        """The feedback memory (``None`` when ``memory_enabled`` is off)."""
         self.started_at = time.time()
         self._report_cache: tuple[tuple[int, int], bytes, str] | None = None
 
@@ -189,6 +230,8 @@ class DataPlane:
         self.registry.cleanup()
         self.holder.sync()  # load and warm the current version before reporting ready
         self.holder.start_watching()
+        if self.memory is not None:
+            self.memory.start()  # builds the memory for the loaded model, then follows feedback
         self.monitor.start()
         if not self.holder.ready:
             log.warning("no current model in %s: not ready until one is promoted",
@@ -199,6 +242,8 @@ class DataPlane:
 
     def stop_blocking(self) -> None:
         self.monitor.stop()
+        if self.memory is not None:
+            self.memory.stop()
         self.holder.stop()
         self.batcher.close()
         self.prediction_log.close()
@@ -237,14 +282,27 @@ class DataPlane:
         predictions: list[PredictionResult] = []
         records: list[PredictionRecord] = []
         rows = output.probabilities[start:stop].tolist()
+        matches = output.matches
         for offset, text in enumerate(texts):
             row = start + offset
             prediction_id = new_prediction_id(now)
-            label = labels[output.predicted[row]]
-            confidence = rows[offset][output.predicted[row]]
-            predictions.append(
-                PredictionResult(prediction_id, label, confidence, dict(zip(labels, rows[offset])))
-            )
+            scores = rows[offset]
+            if matches is not None and (remembered := matches.labels[row]) is not None:
+                label = remembered
+                result = PredictionResult(
+                    prediction_id, label,
+                    model_probability(output.probabilities[row], labels, label),
+                    dict(zip(labels, scores, strict=True)), "feedback",
+                    int(matches.feedback_ids[row]), float(matches.similarity[row]),
+                )
+            else:
+                label = labels[output.predicted[row]]
+                result = PredictionResult(
+                    prediction_id, label, scores[output.predicted[row]],
+                    dict(zip(labels, scores, strict=True)),
+                )
+            confidence = result.confidence
+            predictions.append(result)
             records.append(
                 PredictionRecord(
                     prediction_id, now, model.version, text, label, confidence,
@@ -303,6 +361,7 @@ class DataPlane:
                 )
             elif item.text is not None:
                 records.append(FeedbackRecord(prediction_id=None, text=item.text, label=label))
+        records = self._with_embeddings(records)
         inserted = self.store.insert_feedback(records)
         m = metrics()
         by_id = len(wanted)
@@ -311,6 +370,23 @@ class DataPlane:
         if len(items) - by_id:
             m.feedback.labels(source="text").inc(len(items) - by_id)
         return FeedbackReceipt(inserted.ids, inserted.replaced)
+
+    def _with_embeddings(self, records: list[FeedbackRecord]) -> list[FeedbackRecord]:
+        """Feedback given as text, embedded by the served encoder (when the memory is on).
+
+        Embedded here, once, by the worker that took the feedback, every other worker's memory
+        just reads the embedding from the store, and a retrain on the same encoder reuses it.
+        """
+        model = self.holder.model
+        missing = [i for i, r in enumerate(records) if r.embedding is None]
+        if self.memory is None or model is None or not missing:
+            return records
+        embeddings, _ = embed_texts(model, [records[i].text for i in missing])
+        records = list(records)
+        for i, vector in zip(missing, embeddings, strict=True):
+            records[i] = replace(records[i], embedding=vector.tobytes(),
+                                 encoder_id=model.encoder_id)
+        return records
 
     async def list_feedback(self, query: FeedbackQuery) -> FeedbackPage:
         """One page of feedback, newest first."""
@@ -381,6 +457,12 @@ class DataPlane:
         if model is not None and model.version == version:
             return model.encoder_id
         return _encoder_id_of(self.registry, version)
+
+    def memory_state(self) -> MemoryState:
+        """What this worker's feedback memory holds."""
+        if self.memory is None:
+            return MemoryState(False, 0, None, None, None, None, None, None, 0, None, None)
+        return self.memory.state()
 
     # -- models ----------------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from adapters.serving.memory import MemoryMatches
 from adapters.serving.registry import ModelRegistry
 from adapters.serving.runtime import OnnxClassifier, release_freed_memory
 from monitoring.metrics import metrics
@@ -48,6 +49,8 @@ class BatchOutput:
     embeddings: np.ndarray
     predicted: np.ndarray
     confidence: np.ndarray
+    matches: MemoryMatches | None = None
+    """The feedback memory's answers for the batch's rows, if it was consulted and had any."""
 
 
 @dataclass

@@ -25,6 +25,7 @@ from service.dataplane import (
     ModelsOverview,
     PredictionBatch,
 )
+from service.memory import MemoryState
 
 
 class _Request(BaseModel):
@@ -47,9 +48,25 @@ class PredictRequest(_Request):
 
 class Prediction(BaseModel):
     prediction_id: str = Field(description="Give it back with feedback on this prediction.")
-    label: str
-    confidence: float = Field(description="The probability of `label`.")
-    scores: dict[str, float] = Field(description="Probability of every label the model knows.")
+    label: str = Field(description="The answer: the feedback memory's label when `source` is "
+                       "`feedback`, else the model's.")
+    confidence: float = Field(
+        description="The model's probability of `label` (0 when the label comes from feedback "
+        "and the model does not know it yet)."
+    )
+    scores: dict[str, float] = Field(
+        description="The model's probability of every label it knows."
+    )
+    source: Literal["model", "feedback"] = Field(
+        description="`feedback`: the text is close to a labelled feedback example, whose label "
+        "this is (the feedback memory); `model`: the model's prediction."
+    )
+    feedback_id: int | None = Field(
+        None, description="With `source` `feedback`: the feedback item whose label this is."
+    )
+    similarity: float | None = Field(
+        None, description="With `source` `feedback`: cosine similarity of the text to that item."
+    )
 
 
 class PredictResponse(BaseModel):
@@ -354,6 +371,55 @@ class ModelsResponse(BaseModel):
                 loaded_at=serving.loaded_at, last_swap_error=serving.last_swap_error,
             ),
             versions=[VersionInfo.from_version(v, v.name == current) for v in overview.versions],
+        )
+
+
+class MemoryCalibration(BaseModel):
+    items: int = Field(description="Feedback items the thresholds were calibrated on.")
+    model_accuracy: float | None = Field(description="The model alone on those items.")
+    combined_accuracy: float | None = Field(
+        description="Leave-one-out accuracy of memory-or-model on them at these thresholds."
+    )
+    answered: int = Field(description="Items the memory answered at these thresholds.")
+    reason: str
+
+
+class MemoryResponse(BaseModel):
+    """The feedback memory of the worker that answered (each worker keeps its own)."""
+
+    enabled: bool = Field(description="REFIT_MEMORY_ENABLED.")
+    worker_pid: int
+    entries: int = Field(description="Feedback examples the memory holds.")
+    threshold: float | None = Field(
+        description="Similarity at which an example of a label the model knows answers."
+    )
+    new_label_threshold: float | None = Field(
+        description="Similarity at which an example of a label the model does not know answers."
+    )
+    built_for: str | None = Field(description="The model version the memory was rebuilt for.")
+    built_at: float | None = Field(description="Unix time of that rebuild.")
+    rebuild_seconds: float | None
+    feedback_items: int | None = Field(
+        description="Feedback items the rebuild read; it kept those the model gets wrong."
+    )
+    cursor: int = Field(description="Position in the store's feedback change feed.")
+    calibration: MemoryCalibration | None
+    last_error: str | None
+
+    @classmethod
+    def from_state(cls, state: MemoryState, worker_pid: int) -> MemoryResponse:
+        c = state.calibration
+        return cls(
+            enabled=state.enabled, worker_pid=worker_pid, entries=state.entries,
+            threshold=state.threshold, new_label_threshold=state.new_label_threshold,
+            built_for=state.built_for, built_at=state.built_at,
+            rebuild_seconds=state.rebuild_seconds, feedback_items=state.feedback_items,
+            cursor=state.cursor,
+            calibration=None if c is None else MemoryCalibration(
+                items=c.items, model_accuracy=c.model_accuracy,
+                combined_accuracy=c.combined_accuracy, answered=c.answered, reason=c.reason,
+            ),
+            last_error=state.last_error,
         )
 
 

@@ -46,10 +46,12 @@ COUNTERS = {
     "refit_model_swaps_total",
     "refit_feedback_total",
     "refit_retrain_jobs_total",
+    "refit_memory_answers_total",
 }
 GAUGES = {
     "refit_prediction_log_pending",
     "refit_model_info",
+    "refit_memory_entries",
     "refit_online_accuracy_ratio",
     "refit_online_accuracy_by_label_ratio",
     "refit_online_accuracy_window_feedback",

@@ -33,7 +33,9 @@ def test_predict_single_and_batch_in_order(client, trained_registry):
     body = single.json()
     assert body["model_version"] == "v1"
     [p] = body["predictions"]
-    assert set(p) == {"prediction_id", "label", "confidence", "scores"}
+    assert set(p) == {"prediction_id", "label", "confidence", "scores", "source", "feedback_id",
+                      "similarity"}
+    assert p["source"] == "model" and p["feedback_id"] is None  # no feedback given yet
     assert set(p["scores"]) == set(labels)
     assert p["label"] == max(p["scores"], key=p["scores"].get)
     assert p["confidence"] == pytest.approx(p["scores"][p["label"]])

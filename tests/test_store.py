@@ -68,3 +68,61 @@ def test_online_accuracy_counts_only_feedback_on_predictions(store):
     count, accuracy, per_label = store.online_accuracy(window=10)
     assert count == 3 and accuracy == pytest.approx(2 / 3)
     assert per_label == {"a": (2, 0.5), "b": (1, 1.0)}
+
+
+@pytest.fixture()
+def backend_store(database_url):
+    """The store on SQLite and on PostgreSQL (the module shares one database per backend)."""
+    s = Store.from_url(database_url)
+    yield s
+    s.close()
+
+
+def test_feedback_change_feed_reports_every_change_in_order(backend_store):
+    store = backend_store
+    start = store.latest_feedback_seq()
+    pid = f"{int(time.time() * 1000):012x}{'ab' * 8}"
+    store.insert_predictions([PredictionRecord(pid, time.time(), "v1", "where is my card", "a",
+                                               0.9, vector_bytes(np.ones(384, np.float32)))])
+    first = store.insert_feedback([
+        FeedbackRecord(pid, "where is my card", "card_arrival", "a", "v1",
+                       vector_bytes(np.ones(384, np.float32)), "enc-1"),
+        FeedbackRecord(None, "gift voucher?", "gift_card"),
+    ])
+    store.relabel_feedback(first.ids[1], "gift_cards")
+    # A newer label for the same prediction replaces the earlier item: a deletion and an insert.
+    second = store.insert_feedback([FeedbackRecord(pid, "where is my card", "card_lost")])
+    assert [r.feedback_id for r in second.replaced] == [first.ids[0]]
+    store.delete_feedback(first.ids[1])
+
+    changes = store.feedback_changes(start)
+    assert [(c.feedback_id, c.label) for c in changes] == [
+        (first.ids[0], "card_arrival"),
+        (first.ids[1], "gift_card"),
+        (first.ids[1], "gift_cards"),
+        (first.ids[0], None),
+        (second.ids[0], "card_lost"),
+        (first.ids[1], None),
+    ]
+    seqs = [c.seq for c in changes]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert store.latest_feedback_seq() == seqs[-1]
+    # Rows still stored come with their text; deleted ones without.
+    live = changes[4]
+    assert live.text == "where is my card" and live.embedding is None
+    assert changes[0].text is None  # its item was replaced (deleted) since
+    # Paging: after a cursor, with a limit.
+    assert [c.seq for c in store.feedback_changes(seqs[1], limit=2)] == seqs[2:4]
+    assert store.feedback_changes(seqs[-1]) == []
+
+
+def test_feedback_change_feed_carries_stored_embeddings(backend_store):
+    store = backend_store
+    start = store.latest_feedback_seq()
+    vector = np.linspace(-1, 1, 384, dtype=np.float32)
+    [fid] = store.insert_feedback([
+        FeedbackRecord(None, "embedded text", "x", embedding=vector_bytes(vector), encoder_id="e")
+    ]).ids
+    [change] = store.feedback_changes(start)
+    assert change.feedback_id == fid and change.encoder_id == "e"
+    assert change.embedding is not None and np.array_equal(change.embedding, vector)

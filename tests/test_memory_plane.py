@@ -1,0 +1,109 @@
+"""The feedback memory inside the data plane, in-process over toy ONNX models and real SQLite:
+rebuilt for every model the worker serves (after a promotion it keeps only what the new model
+still gets wrong), and off when ``memory_enabled`` is false."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from adapters.serving.registry import ModelRegistry
+from adapters.serving.runtime import OnnxClassifier
+from refit.settings import load_settings
+from refit.store import FeedbackSubmission
+from service.composition import build_data_plane
+from tests.fixtures import TOY_LABELS, write_toy_version
+from tests.servers import wait_for
+
+CANDIDATES = [f"question number {i} about my account" for i in range(60)]
+
+
+@pytest.fixture()
+def registry(tmp_path) -> ModelRegistry:
+    registry = ModelRegistry(tmp_path / "registry")
+    write_toy_version(registry)
+    return registry
+
+
+def plane_over(registry: ModelRegistry, tmp_path, **overrides):
+    settings = load_settings(registry_path=registry.root, data_dir=tmp_path / "var", **overrides)
+    plane = build_data_plane(settings, run_drift_job=False)
+    plane.start_blocking()
+    return plane
+
+
+def give(plane, items: list[tuple[str, str]]) -> list[int]:
+    submissions = [FeedbackSubmission(None, text, label) for text, label in items]
+    receipt = asyncio.run(plane.feedback(submissions))
+    return receipt.feedback_ids
+
+
+def test_after_a_promotion_the_memory_keeps_only_what_the_new_model_gets_wrong(registry, tmp_path):
+    v2 = write_toy_version(registry, labels=(*TOY_LABELS, "gift_card"), promote=False, seed=1)
+    v1_says = OnnxClassifier(registry.get("v1").path).predict(CANDIDATES).probabilities.argmax(1)
+    v2_says = OnnxClassifier(v2.path).predict(CANDIDATES).probabilities.argmax(1)
+    # A text v1 gets wrong and v2 gets right, if its true label is v2's answer.
+    fixed = next(i for i in range(len(CANDIDATES))
+                 if v2.labels[v2_says[i]] != TOY_LABELS[v1_says[i]])
+    fixed_text, fixed_label = CANDIDATES[fixed], v2.labels[v2_says[fixed]]
+    plane = plane_over(registry, tmp_path)
+    try:
+        wait_for(lambda: plane.memory_state().built_for == "v1", timeout=10, what="first build")
+        unknown_id, fixed_id = give(
+            plane, [("a text about something nobody has a label for", "brand_new"),
+                    (fixed_text, fixed_label)],
+        )
+        # The follower brings both in (v1 gets both wrong).
+        wait_for(lambda: plane.memory_state().entries == 2, timeout=5, what="the follower")
+        batch = asyncio.run(plane.predict([fixed_text]))
+        assert batch.predictions[0].source == "feedback"
+        assert batch.predictions[0].label == fixed_label
+        assert batch.predictions[0].feedback_id == fixed_id
+
+        registry.promote("v2")
+        wait_for(lambda: plane.memory_state().built_for == "v2", timeout=15,
+                 what="the rebuild after the swap")
+        state = plane.memory_state()
+        assert state.feedback_items == 2 and state.entries == 1
+        assert plane.memory is not None and plane.memory.memory.ids.tolist() == [unknown_id]
+        # The new model answers the fixed text itself, with the label the feedback gave.
+        batch = asyncio.run(plane.predict([fixed_text]))
+        assert batch.model_version == "v2"
+        assert batch.predictions[0].source == "model"
+        assert batch.predictions[0].label == fixed_label
+    finally:
+        plane.stop_blocking()
+
+
+def test_relabel_and_delete_reach_the_memory(registry, tmp_path):
+    plane = plane_over(registry, tmp_path)
+    try:
+        wait_for(lambda: plane.memory_state().built_for == "v1", timeout=10, what="first build")
+        [fid] = give(plane, [("where can I buy a voucher", "voucher")])
+        wait_for(lambda: plane.memory_state().entries == 1, timeout=5, what="the insert")
+        asyncio.run(plane.relabel_feedback(fid, "gift_card"))
+        wait_for(lambda: plane.memory is not None and plane.memory.memory.labels == ["gift_card"],
+                 timeout=5, what="the relabel")
+        assert asyncio.run(plane.predict(["where can I buy a voucher"])).predictions[0].label \
+            == "gift_card"
+        asyncio.run(plane.delete_feedback(fid))
+        wait_for(lambda: plane.memory_state().entries == 0, timeout=5, what="the deletion")
+        assert asyncio.run(plane.predict(["where can I buy a voucher"])).predictions[0].source \
+            == "model"
+    finally:
+        plane.stop_blocking()
+
+
+def test_memory_disabled_serves_the_model_only(registry, tmp_path):
+    plane = plane_over(registry, tmp_path, memory_enabled=False)
+    try:
+        give(plane, [("where can I buy a voucher", "voucher")])
+        state = plane.memory_state()
+        assert not state.enabled and state.entries == 0
+        assert asyncio.run(plane.predict(["where can I buy a voucher"])).predictions[0].source \
+            == "model"
+        # Without the memory, text feedback is not embedded at once (the retrain does it).
+        assert plane.store.all_feedback()[0].embedding is None
+    finally:
+        plane.stop_blocking()
