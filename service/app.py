@@ -25,8 +25,9 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, TypeVar
 
 import bentoml
 import orjson
@@ -56,7 +57,6 @@ from service.access import RateLimiter, RoleGuard, admin_guard, feedback_guard
 from service.composition import build_data_plane, freeze_heap
 from service.dataplane import DataPlane
 from service.openapi import Operation, Parameter, openapi_document
-from service.security import SecurityHeadersMiddleware, page_policy
 from service.schemas import (
     MAX_ID,
     DriftResponse,
@@ -79,6 +79,7 @@ from service.schemas import (
     RetrainJobList,
     RetrainRequest,
 )
+from service.security import SecurityHeadersMiddleware, page_policy
 
 log = logging.getLogger("refit.http")
 

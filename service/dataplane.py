@@ -14,10 +14,11 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -29,7 +30,6 @@ from monitoring.metrics import metrics
 from refit.errors import InvalidInputError, NotFoundError
 from refit.jobs import Job, RetrainOptions
 from refit.settings import RefitSettings
-from refit.text import is_blank
 from refit.store import (
     FeedbackEntry,
     FeedbackQuery,
@@ -39,12 +39,13 @@ from refit.store import (
     ReplacedFeedback,
     Store,
 )
+from refit.text import is_blank
 from service.batching import AdaptiveBatcher
 from service.jobs import JOB_ID, RetrainJobs
 from service.memory import FeedbackMemoryKeeper, MemoryState, embed_texts
 from service.prediction_log import PredictionLog
-from service.security import inline_script_policy
 from service.predictor import BatchOutput, ModelHolder
+from service.security import inline_script_policy
 
 log = logging.getLogger("refit.dataplane")
 

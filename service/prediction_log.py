@@ -18,8 +18,8 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from monitoring.metrics import metrics
 from refit.errors import StoreUnavailableError

@@ -9,15 +9,15 @@ objects by the ``from_...`` constructors here; ``/openapi.json`` is generated fr
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator, model_validator
 
 from adapters.serving.registry import ModelVersion, Pointer
 from refit.jobs import Job, RetrainOptions
-from refit.text import LABEL_PATTERN, TEXT_PATTERN, has_control_characters, is_blank
 from refit.store import FeedbackEntry, FeedbackQuery, FeedbackSubmission
+from refit.text import LABEL_PATTERN, TEXT_PATTERN, has_control_characters, is_blank
 from service.dataplane import (
     FeedbackPage,
     FeedbackReceipt,
@@ -224,7 +224,7 @@ def parse_time(value: str) -> float:
     except ValueError:
         raise ValueError("must be unix seconds or an ISO 8601 time") from None
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
     return moment.timestamp()
 
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
