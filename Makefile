@@ -34,7 +34,8 @@ serve: model
 test-prereqs:
 	@bash deploy/test-prereqs.sh
 
-test: install test-prereqs
+# Lint first: it takes seconds and fails fast; then the whole suite.
+test: install test-prereqs lint
 	$(BIN)/python -m pytest
 
 # Style and types (configured in pyproject.toml).
