@@ -43,6 +43,7 @@ COPY refit ./refit
 COPY adapters ./adapters
 COPY service ./service
 COPY monitoring ./monitoring
+COPY deploy/entrypoint.sh ./deploy/entrypoint.sh
 RUN pip install --no-deps . \
     && rm -rf build ./*.egg-info
 
@@ -60,7 +61,9 @@ EXPOSE 3000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:3000/readyz', timeout=4).status == 200 else 1)"]
 
-# Build the default model into the volume on first start (an existing registry is left alone),
-# then serve. `exec` hands PID 1 to bentoml so it receives SIGTERM and flushes the prediction
-# log on `docker stop`; compose runs it under an init (init: true) that reaps orphans.
-CMD ["sh", "-c", "python -c 'import os, sys; from adapters.serving.registry import ModelRegistry; sys.exit(0 if ModelRegistry(os.environ[\"REFIT_REGISTRY_PATH\"]).pointer() else 1)' || refit train --data data/demo/intents.jsonl; exec bentoml serve . --host 0.0.0.0 --port 3000"]
+# deploy/entrypoint.sh builds the default model into the volume on first start (an existing
+# registry is left alone) and stops with a non-zero exit and one line saying why when it can
+# neither find nor train a model, instead of serving 503 forever. Then it `exec`s bentoml, so
+# PID 1 receives SIGTERM and flushes the prediction log on `docker stop`; compose runs it under
+# an init (init: true) that reaps orphans. The Kubernetes manifests run the same script.
+CMD ["sh", "/app/deploy/entrypoint.sh", "serve"]

@@ -30,7 +30,8 @@ model: install
 serve: model
 	REFIT_REGISTRY_PATH=$(REGISTRY) $(BIN)/bentoml serve . --host $(HOST) --port $(PORT)
 
-# What the tests need besides Python packages: promtool/prometheus and PostgreSQL binaries.
+# What the tests need besides the project's packages: checkov (in .venv-tools, its own venv),
+# promtool/prometheus and PostgreSQL binaries.
 test-prereqs:
 	@bash deploy/test-prereqs.sh
 
@@ -44,4 +45,4 @@ lint: install
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) model_registry var .pytest_cache
+	rm -rf $(VENV) .venv-tools model_registry var .pytest_cache

@@ -1,8 +1,20 @@
 #!/usr/bin/env bash
-# Installs what the test suite needs from Debian: a real Prometheus (and promtool) for the
-# monitoring tests. PostgreSQL 15 is expected to be installed; the tests start their own cluster.
+# Installs what the test suite needs besides the project's venv: checkov in a venv of its own,
+# and from Debian a real Prometheus (and promtool) for the monitoring tests. PostgreSQL 15 is
+# expected to be installed; the tests start their own cluster.
 # Without root or apt, it says what is missing and the tests that need it skip with that reason.
 set -uo pipefail
+
+# checkov (tests/test_kubernetes.py) pins many packages of its own, so it gets a venv of its own
+# next to .venv (about 50 s to install here); the test finds it at .venv-tools/bin/checkov.
+root="$(cd "$(dirname "$0")/.." && pwd)"
+tools="$root/.venv-tools"
+if [ ! -x "$tools/bin/checkov" ]; then
+  echo "test-prereqs: installing checkov into $tools" >&2
+  { python3 -m venv "$tools" && "$tools/bin/pip" install --quiet --disable-pip-version-check checkov; } \
+    || echo "test-prereqs: checkov install failed; tests/test_kubernetes.py's checkov test will skip" >&2
+fi
+
 need=()
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 if [ ${#need[@]} -eq 0 ]; then
