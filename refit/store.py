@@ -272,11 +272,16 @@ def _unavailable_on_disconnect(context: Any) -> None:
     disconnect = bool(getattr(context, "is_disconnect", False))
     if disconnect or name in ("OperationalError", "InterfaceError", "ConnectionTimeout"):
         message = str(original).lower()
-        if context.dialect is not None and context.dialect.name == "sqlite" and not disconnect:
-            # SQLite: only a locked or unreadable file is "unavailable"; syntax/schema errors
-            # are OperationalError too and are real bugs.
-            if "locked" not in message and "unable to open" not in message:
-                return
+        # SQLite: only a locked or unreadable file is "unavailable"; syntax/schema errors
+        # are OperationalError too and are real bugs.
+        if (
+            context.dialect is not None
+            and context.dialect.name == "sqlite"
+            and not disconnect
+            and "locked" not in message
+            and "unable to open" not in message
+        ):
+            return
         raise StoreUnavailableError(
             "the database is unreachable; try again shortly"
         ) from (sqlalchemy_error or original)
@@ -372,7 +377,9 @@ class Store:
         """Delete predictions beyond the newest ``max_rows`` or older than the age limit."""
         cutoff = time.time() - max_age_seconds
         with self.engine.begin() as conn:
-            deleted = conn.execute(delete(predictions).where(predictions.c.created_at < cutoff)).rowcount
+            deleted = conn.execute(
+                delete(predictions).where(predictions.c.created_at < cutoff)
+            ).rowcount
             boundary = conn.execute(
                 select(predictions.c.created_at)
                 .order_by(predictions.c.created_at.desc())
@@ -416,7 +423,10 @@ class Store:
                         ]
                         events += [_event(int(row.id), None, now) for row in earlier]
                 result = conn.execute(insert(feedback).values(created_at=now, **item.__dict__))
-                ids.append(int(result.inserted_primary_key[0]))
+                key = result.inserted_primary_key
+                if key is None:  # SQLAlchemy sets it for every single-row INSERT
+                    raise RuntimeError("inserting feedback returned no primary key")
+                ids.append(int(key[0]))
                 events.append(_event(ids[-1], item.label, now))
             if events:
                 conn.execute(insert(feedback_events), events)
@@ -549,7 +559,9 @@ class Store:
                 [{"fid": fid, "vec": vector_bytes(v)} for fid, v in vectors.items()],
             )
 
-    def online_accuracy(self, window: int) -> tuple[int, float | None, dict[str, tuple[int, float]]]:
+    def online_accuracy(
+        self, window: int
+    ) -> tuple[int, float | None, dict[str, tuple[int, float]]]:
         """Accuracy of the serving model as feedback reveals it.
 
         Over the newest ``window`` feedback items given on logged predictions: how many there are,

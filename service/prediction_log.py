@@ -78,7 +78,9 @@ class PredictionLog:
             if self.store_ok and now - self._last_retention >= self.retention_every_s:
                 self._last_retention = now
                 try:
-                    deleted = self.store.enforce_retention(self.retention_rows, self.retention_seconds)
+                    deleted = self.store.enforce_retention(
+                        self.retention_rows, self.retention_seconds
+                    )
                     if deleted:
                         log.info("retention: deleted %d old predictions", deleted)
                 except Exception:  # noqa: BLE001

@@ -196,7 +196,10 @@ class FeedbackListQuery(_Request):
     )
     limit: int = Field(100, ge=1, le=1000, description="Items per page.")
     cursor: int | None = Field(
-        None, ge=1, le=MAX_ID, description="`next_cursor` of the previous page (items older than it)."
+        None,
+        ge=1,
+        le=MAX_ID,
+        description="`next_cursor` of the previous page (items older than it).",
     )
 
     @field_validator("since")

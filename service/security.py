@@ -40,7 +40,9 @@ DEFAULT_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"content-security-policy", API_POLICY.encode()),
 )
 
-_INLINE_SCRIPT = re.compile(rb"<script(?![^>]*\bsrc=)[^>]*>(.*?)</script>", re.DOTALL | re.IGNORECASE)
+_INLINE_SCRIPT = re.compile(
+    rb"<script(?![^>]*\bsrc=)[^>]*>(.*?)</script>", re.DOTALL | re.IGNORECASE
+)
 
 
 class SecurityHeadersMiddleware:
@@ -89,7 +91,8 @@ def page_policy(html: bytes) -> str:
     """A CSP for a page of ours that loads scripts and styles from this origin and calls its API
     (Swagger UI): exactly its inline scripts by hash, nothing from elsewhere."""
     return (
-        f"default-src 'none'; script-src 'self' {script_hashes(html)}; style-src 'self' 'unsafe-inline'; "
+        f"default-src 'none'; script-src 'self' {script_hashes(html)}; "
+        "style-src 'self' 'unsafe-inline'; "
         "img-src 'self' data:; connect-src 'self'; font-src 'self' data:; "
         "form-action 'none'; base-uri 'none'; frame-ancestors 'none'"
     )

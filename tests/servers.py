@@ -6,6 +6,7 @@ Nothing here is mocked: ``ServiceProcess`` runs ``bentoml serve`` in a subproces
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -89,10 +90,8 @@ class ServiceProcess:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int | None:
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else None
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -146,14 +145,18 @@ def postgres_url(database: str) -> tuple[str | None, str]:
         f"CREATE DATABASE {database} OWNER {PG_USER};",
     ]
     for _ in range(30):
-        ready = subprocess.run([*as_postgres, "psql", "-qAtc", "select 1"], capture_output=True, text=True)
+        ready = subprocess.run(
+            [*as_postgres, "psql", "-qAtc", "select 1"], capture_output=True, text=True
+        )
         if ready.returncode == 0:
             break
         time.sleep(0.5)
     else:
         return None, f"PostgreSQL did not accept connections: {ready.stderr.strip()}"
     for statement in statements:
-        done = subprocess.run([*as_postgres, "psql", "-qAtc", statement], capture_output=True, text=True)
+        done = subprocess.run(
+            [*as_postgres, "psql", "-qAtc", statement], capture_output=True, text=True
+        )
         if done.returncode != 0:
             return None, f"psql failed: {done.stderr.strip()}"
     return f"postgresql+psycopg://{PG_USER}:{PG_PASSWORD}@127.0.0.1:5432/{database}", ""

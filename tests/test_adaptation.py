@@ -26,7 +26,9 @@ TOKEN = "test-admin-token-0123456789"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 
 # The README's own example feedback: a new intent (gift_card) and corrections, all by text.
-README_FEEDBACK = json.loads((Path(__file__).parent.parent / "data" / "demo" / "feedback.json").read_text())["items"]
+README_FEEDBACK = json.loads(
+    (Path(__file__).parent.parent / "data" / "demo" / "feedback.json").read_text()
+)["items"]
 GIFT_CARD_UNSEEN = [
     "I'd like to get a gift card for my colleague",
     "what gift card amounts can I choose",
@@ -124,7 +126,9 @@ def test_readme_walkthrough_works_as_written(client, server):
         response = run_readme_call(client, call, ids)
         # Until the drift window holds enough predictions, the report is a JSON 404 saying so.
         not_yet = call.path == "/drift/report" and response.status_code == 404
-        assert response.status_code < 400 or not_yet, (call.source, response.status_code, response.text)
+        assert response.status_code < 400 or not_yet, (
+            call.source, response.status_code, response.text
+        )
         if not_yet:
             assert "no drift report yet" in response.json()["error"]
         responses.append(response)
@@ -143,7 +147,7 @@ def test_readme_walkthrough_works_as_written(client, server):
             wait_for(lambda: set(worker_versions(client).values()) == {"v1"}, 15,
                      what="both workers back on v1")
 
-    feedback = [r.json() for r, c in zip(responses, calls) if c.path == "/feedback"]
+    feedback = [r.json() for r, c in zip(responses, calls, strict=True) if c.path == "/feedback"]
     assert feedback[0]["accepted"] == 2
     assert feedback[1]["accepted"] == len(README_FEEDBACK)
     assert job["phase"] == "done", job
@@ -167,10 +171,10 @@ def test_readme_walkthrough_works_as_written(client, server):
     assert set(job["seen_phases"]) <= {
         "queued", "collecting", "training", "exporting", "evaluating", "promoting", "done"
     }
-    served = [r.json() for r, c in zip(responses, calls) if c.path == "/predict"][-1]
+    served = [r.json() for r, c in zip(responses, calls, strict=True) if c.path == "/predict"][-1]
     assert served["model_version"] == "v2"
     assert served["predictions"][0]["label"] == "gift_card", served
-    models = [r.json() for r, c in zip(responses, calls) if c.path == "/models"][-1]
+    models = [r.json() for r, c in zip(responses, calls, strict=True) if c.path == "/models"][-1]
     assert models["current"] == "v2"
     assert client.get("/models").json()["current"] == "v1"  # the walkthrough's last step
 
@@ -184,8 +188,11 @@ def test_promoted_version_swaps_everywhere_and_rolls_back(client, server):
 
     # Every worker swaps to v2 within a few seconds.
     swapped_at = time.monotonic()
-    wait_for(lambda: set(worker_versions(client).values()) == {"v2"} and len(worker_versions(client)) == 2,
-             15, what="both workers on v2")
+    wait_for(
+        lambda: set(worker_versions(client).values()) == {"v2"}
+        and len(worker_versions(client)) == 2,
+        15, what="both workers on v2",
+    )
     assert time.monotonic() - swapped_at < 15
     after = client.post("/predict", json={"texts": GIFT_CARD_UNSEEN}).json()
     assert after["model_version"] == "v2"
@@ -210,9 +217,11 @@ def test_promoted_version_swaps_everywhere_and_rolls_back(client, server):
     # Rollback through the API.
     back = client.post("/models/promote", json={"version": "v1"}, headers=AUTH)
     assert back.status_code == 200 and back.json()["previous"] == "v2"
-    wait_for(lambda: set(worker_versions(client).values()) == {"v1"}, 15, what="both workers back on v1")
+    wait_for(lambda: set(worker_versions(client).values()) == {"v1"}, 15,
+             what="both workers back on v1")
     assert client.get("/models").json()["current"] == "v1"
-    assert "gift_card" not in {p["label"] for p in client.post("/predict", json={"texts": GIFT_CARD_UNSEEN}).json()["predictions"]}
+    rolled_back = client.post("/predict", json={"texts": GIFT_CARD_UNSEEN}).json()
+    assert "gift_card" not in {p["label"] for p in rolled_back["predictions"]}
 
     # The job record survives a restart of the server.
     server.stop()
@@ -234,12 +243,15 @@ def test_no_failed_request_while_workers_swap(client, server):
         with httpx.Client(base_url=server.url, timeout=30) as c:
             while not stop.is_set():
                 try:
-                    r = c.post("/predict", json={"texts": ["where is my order", "gift card please"]})
+                    r = c.post(
+                        "/predict", json={"texts": ["where is my order", "gift card please"]}
+                    )
                     body = r.json() if r.status_code == 200 else {}
                     # The model's answers only: the feedback memory may answer with a label
                     # (gift_card) that the version serving the request does not know yet.
                     entry = (r.status_code, body.get("model_version"),
-                             [p["label"] for p in body.get("predictions", []) if p["source"] == "model"])
+                             [p["label"] for p in body.get("predictions", [])
+                              if p["source"] == "model"])
                 except httpx.HTTPError as exc:
                     entry = (0, repr(exc), [])
                 with lock:
@@ -251,8 +263,10 @@ def test_no_failed_request_while_workers_swap(client, server):
     try:
         time.sleep(1.0)
         for target in ("v2", "v1", "v2", "v1"):
-            assert client.post("/models/promote", json={"version": target}, headers=AUTH).status_code == 200
-            wait_for(lambda: set(worker_versions(client).values()) == {target}, 15, what=f"workers on {target}")
+            promoted = client.post("/models/promote", json={"version": target}, headers=AUTH)
+            assert promoted.status_code == 200
+            wait_for(lambda target=target: set(worker_versions(client).values()) == {target},
+                     15, what=f"workers on {target}")
             time.sleep(0.5)
     finally:
         stop.set()
@@ -276,7 +290,10 @@ def test_killed_training_process_leaves_registry_and_service_intact(client, serv
     assert started.status_code == 202, started.text
     job_id = started.json()["job_id"]
     job = wait_for(
-        lambda: (j := client.get(f"/retrain/{job_id}", headers=AUTH).json())["phase"] == "training" and j,
+        lambda: (
+            (j := client.get(f"/retrain/{job_id}", headers=AUTH).json())["phase"] == "training"
+            and j
+        ),
         120, 0.1, "the job to reach training",
     )
     os.kill(job["pid"], signal.SIGKILL)
@@ -288,7 +305,8 @@ def test_killed_training_process_leaves_registry_and_service_intact(client, serv
     assert client.post("/predict", json={"texts": ["still serving?"]}).status_code == 200
     # A new job may start once the dead one is failed.
     assert client.post("/retrain", json={"min_feedback": 10_000}, headers=AUTH).status_code == 409
-    assert "at least 10000" in client.post("/retrain", json={"min_feedback": 10_000}, headers=AUTH).json()["error"]
+    too_little = client.post("/retrain", json={"min_feedback": 10_000}, headers=AUTH)
+    assert "at least 10000" in too_little.json()["error"]
 
 
 def test_a_version_that_fails_to_load_keeps_the_old_one_serving(client, server):
@@ -300,7 +318,8 @@ def test_a_version_that_fails_to_load_keeps_the_old_one_serving(client, server):
             (staged.path / name).write_bytes((good.path / name).read_bytes())
         (staged.path / "model.onnx").write_bytes(b"this is not an onnx model")
         broken = registry.commit(staged, {**good.manifest, "parent": serving})
-    assert client.post("/models/promote", json={"version": broken.name}, headers=AUTH).status_code == 200
+    promoted = client.post("/models/promote", json={"version": broken.name}, headers=AUTH)
+    assert promoted.status_code == 200
 
     def reported():
         body = client.get("/models").json()
@@ -312,4 +331,5 @@ def test_a_version_that_fails_to_load_keeps_the_old_one_serving(client, server):
     assert client.post("/predict", json={"texts": ["hello"]}).json()["model_version"] == serving
     assert 'refit_model_swaps_total{outcome="failed"}' in client.get("/metrics").text
     # Rolling back to the good version clears the error.
-    assert client.post("/models/promote", json={"version": serving}, headers=AUTH).status_code == 200
+    rolled_back = client.post("/models/promote", json={"version": serving}, headers=AUTH)
+    assert rolled_back.status_code == 200

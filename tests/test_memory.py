@@ -176,7 +176,7 @@ def clustered_feedback(rng: np.random.Generator, per_cluster: int = 20):
     centres = unit(rng.standard_normal((6, 384)))
     names = [f"l{i}" for i in range(6)]
     vectors, labels, predicted = [], [], []
-    for centre, name in zip(centres, names):
+    for centre, name in zip(centres, names, strict=True):
         for _ in range(per_cluster):
             vectors.append(near(centre, 0.97, rng))
             labels.append(name)
@@ -211,7 +211,7 @@ def test_calibration_does_not_lower_accuracy_where_far_neighbours_are_wrong(rng)
     at_floor = FeedbackMemory(threshold=THRESHOLD_FLOOR, known_labels=names)
     at_floor.add(list(range(120)), vectors[:120], labels[:120])
     strays = at_floor.lookup(vectors[120:]).labels
-    assert sum(a is not None and a != t for a, t in zip(strays, labels[120:])) >= 30
+    assert sum(a is not None and a != t for a, t in zip(strays, labels[120:], strict=True)) >= 30
 
 
 def test_calibration_keeps_the_ceiling_when_the_memory_cannot_help(rng):
@@ -382,7 +382,7 @@ def test_a_rebuilt_memory_keeps_the_new_heads_mistakes_with_calibrated_threshold
     vectors, labels, predicted, names = clustered_feedback(rng)
     ids = list(range(100, 100 + len(labels)))
     memory, calibration = rebuilt_memory(ids, vectors, labels, predicted, names)
-    wrong = {fid for fid, label, p in zip(ids, labels, predicted) if label != p}
+    wrong = {fid for fid, label, p in zip(ids, labels, predicted, strict=True) if label != p}
     assert set(memory.ids.tolist()) == wrong
     assert (memory.threshold, memory.new_label_threshold) == (
         calibration.threshold, calibration.new_label_threshold)
@@ -398,7 +398,9 @@ def test_a_rebuilt_memory_keeps_the_new_heads_mistakes_with_calibrated_threshold
 def test_on_hwu64_the_calibrated_memory_keeps_old_class_accuracy():
     shared_data = ROOT.parent / "shared" / "data"
     if not (shared_data / "hwu64").is_dir():
-        pytest.skip(f"real datasets not found at {shared_data} (only the team's machines have them)")
+        pytest.skip(
+            f"real datasets not found at {shared_data} (only the team's machines have them)"
+        )
     """A head trained without 3 labels; the validation split as feedback (5% wrongly labelled);
     the memory at its calibrated thresholds must not cost the old classes more than a point on
     the test split, and must teach the new labels."""
@@ -408,15 +410,17 @@ def test_on_hwu64_the_calibrated_memory_keeps_old_class_accuracy():
     bench = load("hwu64")
     rng = np.random.default_rng(0)
     validation_labels = np.array(bench.validation.labels)
-    eligible = sorted(l for l in bench.labels if (validation_labels == l).sum() >= 15)
+    eligible = sorted(
+        label for label in bench.labels if (validation_labels == label).sum() >= 15
+    )
     new = set(rng.choice(eligible, 3, replace=False).tolist())
     old = [label for label in bench.labels if label not in new]
     train_labels = np.array(bench.train.labels)
     keep_t, keep_v = ~np.isin(train_labels, list(new)), ~np.isin(validation_labels, list(new))
     index = {label: i for i, label in enumerate(old)}
     trained = train_head(
-        bench.x_train[keep_t], np.array([index[l] for l in train_labels[keep_t]]),
-        bench.x_validation[keep_v], np.array([index[l] for l in validation_labels[keep_v]]),
+        bench.x_train[keep_t], np.array([index[label] for label in train_labels[keep_t]]),
+        bench.x_validation[keep_v], np.array([index[label] for label in validation_labels[keep_v]]),
         len(old), HeadConfig(), seed=0,
     )
 

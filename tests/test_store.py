@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pytest
+from sqlalchemy.exc import IntegrityError
 
 from refit.errors import ConflictError
 from refit.jobs import RetrainOptions
@@ -38,7 +39,7 @@ def test_retention_bounds_rows_and_age(store):
 
 def test_feedback_insert_is_one_transaction(store):
     good = FeedbackRecord(None, "hello", "greeting")
-    with pytest.raises(Exception):
+    with pytest.raises(IntegrityError):  # NOT NULL on feedback.text
         store.insert_feedback([good, FeedbackRecord(None, None, "broken")])  # type: ignore[arg-type]
     assert store.count_feedback() == 0
     assert len(store.insert_feedback([good, good]).ids) == 2
