@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -31,10 +32,8 @@ def tree_pids(root: int) -> list[int]:
     pids = [root]
     for pid in pids:
         for task in Path(f"/proc/{pid}/task").glob("*"):
-            try:
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
                 pids += [int(c) for c in (task / "children").read_text().split()]
-            except (FileNotFoundError, ProcessLookupError):
-                pass
     return pids
 
 

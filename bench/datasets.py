@@ -143,7 +143,7 @@ def embed(texts: list[str]) -> np.ndarray:
     path = CACHE / f"{key}.npy"
     if path.exists():
         return np.load(path)
-    from adapters.training.encoder import load_encoder, tokenizer_for, embed_texts
+    from adapters.training.encoder import embed_texts, load_encoder, tokenizer_for
 
     if _encoder is None:
         _encoder = load_encoder()

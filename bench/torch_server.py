@@ -43,7 +43,7 @@ async def predict(request: Request) -> JSONResponse:
         best = max(range(len(row)), key=row.__getitem__)
         predictions.append({
             "prediction_id": uuid.uuid4().hex, "label": _labels[best], "confidence": row[best],
-            "scores": dict(zip(_labels, row)),
+            "scores": dict(zip(_labels, row, strict=True)),
         })
     return JSONResponse({"model_version": _version.name, "predictions": predictions})
 

@@ -35,8 +35,8 @@ def main() -> None:
 
     from adapters.serving.data import read_jsonl
     from adapters.serving.registry import ModelRegistry
-    from adapters.training.search import SearchOptions
     from adapters.training.pipeline import TrainingOptions, train_version, version_data
+    from adapters.training.search import SearchOptions
     from adapters.training.unfreeze import UnfreezeConfig
     from refit.cli import TerminalReporter
 

@@ -24,9 +24,10 @@ three signals run as one Evidently ``Report``, which is also the HTML report of 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

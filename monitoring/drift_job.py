@@ -10,6 +10,7 @@ the serving worker that started it goes away. One per server: see ``monitoring.l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from adapters.serving.registry import ModelRegistry
-from refit.files import atomic_write_bytes
 from monitoring.drift import DriftResult, Reference, Thresholds, Window, detect
 from monitoring.metrics import metrics
+from refit.files import atomic_write_bytes
 from refit.logs import configure_logging
 from refit.settings import RefitSettings, load_settings
 from refit.store import Store
@@ -122,10 +123,8 @@ class DriftJob:
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s drift %(levelname)s %(message)s")
-    try:
+    with contextlib.suppress(OSError):
         os.nice(10)
-    except OSError:
-        pass
     settings = load_settings()
     configure_logging(settings)
     store = Store.from_url(settings.resolved_database_url)

@@ -237,7 +237,10 @@ def metrics() -> RefitMetrics:
 
 
 def multiprocess_dir() -> str | None:
-    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir")
+    # prometheus_client also honours the older lower-case name.
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get(
+        "prometheus_multiproc_dir"  # noqa: SIM112
+    )
 
 
 def render_latest() -> bytes:

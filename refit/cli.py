@@ -12,8 +12,9 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence, TextIO
+from typing import Any, TextIO
 
 from refit.errors import NotFoundError, RefitError
 from refit.settings import SettingsError, load_settings
@@ -94,8 +95,8 @@ def _registry(args: argparse.Namespace) -> Any:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from adapters.serving.data import read_jsonl
-    from adapters.training.search import SearchOptions
     from adapters.training.pipeline import TrainingOptions, train_version
+    from adapters.training.search import SearchOptions
     from adapters.training.unfreeze import UnfreezeConfig
 
     data = read_jsonl(args.data)

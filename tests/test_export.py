@@ -8,10 +8,10 @@ from onnx import numpy_helper
 
 import adapters.training.pipeline as training
 from adapters.serving.data import read_jsonl
+from adapters.serving.registry import ModelRegistry
 from adapters.training.encoder import load_encoder, tokenizer_for
 from adapters.training.export import check_parity, export_onnx
 from adapters.training.head import ClassifierHead
-from adapters.serving.registry import ModelRegistry
 from adapters.training.search import SearchOptions
 from refit.errors import ExportParityError
 

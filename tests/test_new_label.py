@@ -58,7 +58,7 @@ def server(hwu64, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("new-label")
     registry = ModelRegistry(root / "registry")
-    texts, labels = zip(*hwu64["old_train"])
+    texts, labels = zip(*hwu64["old_train"], strict=True)
     train_version(
         registry, LabelledTexts.of(texts, labels),
         options=TrainingOptions(search=SearchOptions(strategy="none")), source="hwu64 subset",

@@ -49,7 +49,7 @@ def test_predict_single_and_batch_in_order(client, trained_registry):
     batch = client.post("/predict", json={"texts": texts}).json()["predictions"]
     assert len(batch) == len(texts)
     assert len({p["prediction_id"] for p in batch}) == len(texts)
-    for sentence, prediction in zip(texts, batch):
+    for sentence, prediction in zip(texts, batch, strict=True):
         alone = client.post("/predict", json={"texts": [sentence]}).json()["predictions"][0]
         assert alone["label"] == prediction["label"]
         assert alone["confidence"] == pytest.approx(prediction["confidence"], abs=1e-5)

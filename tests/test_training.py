@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from adapters.serving.data import read_jsonl
-from adapters.training.head import HeadConfig
 from adapters.serving.registry import ModelRegistry
 from adapters.serving.runtime import OnnxClassifier
-from adapters.training.search import SearchOptions, trial_params, candidate_configs, search_head
+from adapters.training.head import HeadConfig
 from adapters.training.pipeline import TrainingOptions, train_version
+from adapters.training.search import SearchOptions, candidate_configs, search_head, trial_params
 
 
 def test_trained_version_beats_majority_baseline_widely(trained_registry, demo_data_path):
@@ -56,7 +56,7 @@ def test_onnx_runtime_reproduces_recorded_test_metrics(trained_registry):
     test = read_jsonl(version.path / "data" / "test.jsonl")
     classifier = OnnxClassifier(version.path)
     predicted = classifier.predict(test.texts).probabilities.argmax(axis=1)
-    accuracy = float(np.mean([classifier.labels[p] == t for p, t in zip(predicted, test.labels)]))
+    accuracy = float(np.mean([classifier.labels[p] == t for p, t in zip(predicted, test.labels, strict=True)]))
     assert accuracy == pytest.approx(version.manifest["metrics"]["test"]["accuracy"], abs=1e-9)
 
 

@@ -212,7 +212,7 @@ class FeedbackMemory:
             names = s.label_names
             keep = np.array(
                 [labels_by_id.get(fid) != names[code]
-                 for fid, code in zip(s.ids[: s.count].tolist(), s.codes[: s.count].tolist())],
+                 for fid, code in zip(s.ids[: s.count].tolist(), s.codes[: s.count].tolist(), strict=True)],
                 dtype=bool,
             )
             removed = int(s.count - keep.sum())
@@ -275,7 +275,7 @@ class FeedbackMemory:
             live = s.codes[: s.count]
             for i in np.flatnonzero(answered):
                 codes[i] = _weighted_vote(similarity[i], live, entry_thresholds[live], self.neighbours)
-        labels = [s.label_names[c] if a else None for c, a in zip(codes.tolist(), answered)]
+        labels = [s.label_names[c] if a else None for c, a in zip(codes.tolist(), answered, strict=True)]
         return MemoryMatches(labels, best, feedback_ids)
 
     def _thresholds(self, s: _Snapshot) -> np.ndarray:
@@ -308,7 +308,7 @@ def prune_to_mistakes(memory: FeedbackMemory, ids: Sequence[int], predicted: Seq
     ``predicted[i]`` is the new head's label for the entry with feedback id ``ids[i]``. Entries
     it did not predict (added since) are kept: the new head never saw them.
     """
-    return memory.remove_matching(dict(zip((int(i) for i in ids), predicted)))
+    return memory.remove_matching(dict(zip((int(i) for i in ids), predicted, strict=False)))
 
 
 # -- threshold calibration ------------------------------------------------------------------------
@@ -526,7 +526,7 @@ class FeedbackFollower:
         }
         if missing:
             computed = self.embed([c.text for c in missing])
-            for change, vector in zip(missing, computed):
+            for change, vector in zip(missing, computed, strict=True):
                 vectors[change.feedback_id] = vector
         if deleted:
             self.memory.remove(deleted)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 

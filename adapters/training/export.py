@@ -12,16 +12,16 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from adapters.serving.tokenization import TextTokenizer
 from adapters.training.encoder import SentenceEncoder
 from adapters.training.head import ClassifierHead
-from adapters.serving.tokenization import TextTokenizer
 from refit.errors import ExportParityError
 
 OPSET = 17

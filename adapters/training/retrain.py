@@ -29,6 +29,7 @@ The job is a short sequence of steps (:func:`run_job`):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import hashlib
 import logging
@@ -454,10 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s retrain %(levelname)s %(message)s")
     # Serving comes first: training yields the CPU to the workers.
-    try:
+    with contextlib.suppress(OSError):
         os.nice(10)
-    except OSError:
-        pass
     import torch
 
     # Niced, the job yields the CPU to serving workers whenever they need it.

@@ -19,17 +19,18 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from adapters.training.encoder import EMBEDDING_DIM, SentenceEncoder
 from adapters.serving.evaluation import macro_f1
-from adapters.training.head import ClassifierHead, HeadConfig, class_weights, seed_everything
 from adapters.serving.tokenization import TextTokenizer, length_sorted_chunks
+from adapters.training.encoder import EMBEDDING_DIM, SentenceEncoder
+from adapters.training.head import ClassifierHead, HeadConfig, class_weights, seed_everything
 
 
 @dataclass(frozen=True)
