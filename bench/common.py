@@ -87,13 +87,27 @@ def run_wrk(url: str, concurrency: int, seconds: int, bodies: Path, server_pid: 
     lua = ROOT / "bench" / "predict.lua"
     before = cpu_seconds(server_pid)
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "10s", "-s", str(lua), url],
-        capture_output=True, text=True, env={**os.environ, "REFIT_BENCH_BODIES": str(bodies)},
+        [
+            "wrk",
+            "-t1",
+            f"-c{concurrency}",
+            f"-d{seconds}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(lua),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "REFIT_BENCH_BODIES": str(bodies)},
         check=True,
     ).stdout
     used = cpu_seconds(server_pid) - before
     summary = json.loads(re.search(r"WRK_JSON (\{.*\})", out).group(1))
-    errors = sum(summary[k] for k in ("non_2xx", "connect_errors", "read_errors", "write_errors", "timeouts"))
+    errors = sum(
+        summary[k] for k in ("non_2xx", "connect_errors", "read_errors", "write_errors", "timeouts")
+    )
     requests = summary["requests"]
     return LoadResult(
         concurrency=concurrency,

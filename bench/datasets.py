@@ -1,4 +1,6 @@
-"""The evaluation data sets every training or adaptation change is judged on, with cached embeddings.
+"""The evaluation data sets every training or adaptation change is judged on.
+
+They come with cached embeddings.
 
 Each :class:`Benchmark` has train/validation/test splits of labelled texts and their frozen-encoder
 embeddings (the packaged all-MiniLM-L6-v2, mean pooling, L2 normalisation, 128 tokens: exactly what

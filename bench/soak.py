@@ -118,7 +118,9 @@ def main() -> None:
                         str(ROOT / "data" / "demo" / "intents.jsonl"), "--registry", str(registry),
                         "--search", "none"], check=True, cwd=ROOT)
     bank = SHARED / "banking77" / "test.jsonl"
-    texts = read_texts(bank) if bank.exists() else read_texts(ROOT / "data" / "demo" / "intents.jsonl")
+    texts = (
+        read_texts(bank) if bank.exists() else read_texts(ROOT / "data" / "demo" / "intents.jsonl")
+    )
     bodies = write_bodies(texts, work / "bodies.jsonl")
     feedback = json.loads((ROOT / "data" / "demo" / "feedback.json").read_text())["items"]
 

@@ -37,7 +37,9 @@ async def predict(request: Request) -> JSONResponse:
     texts = (await request.json())["texts"]
     ids, mask = _tokenizer.encode(texts)
     with torch.inference_mode():
-        probabilities = torch.softmax(_head(_encoder(torch.from_numpy(ids), torch.from_numpy(mask))), -1)
+        probabilities = torch.softmax(
+            _head(_encoder(torch.from_numpy(ids), torch.from_numpy(mask))), -1
+        )
     predictions = []
     for row in probabilities.tolist():
         best = max(range(len(row)), key=row.__getitem__)

@@ -59,7 +59,9 @@ def test_parity_failure_blocks_registration(tmp_path, monkeypatch, demo_data_pat
         real_export(encoder, head, tokenizer, path)
         model = onnx.load(str(path))
         n = head.num_classes
-        target = next(t for t in model.graph.initializer if n in list(t.dims) and 384 in list(t.dims))
+        target = next(
+            t for t in model.graph.initializer if n in list(t.dims) and 384 in list(t.dims)
+        )
         target.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(target) * 3.0, target.name))
         onnx.save(model, str(path))
 

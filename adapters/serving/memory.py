@@ -211,8 +211,12 @@ class FeedbackMemory:
             s = self._snapshot
             names = s.label_names
             keep = np.array(
-                [labels_by_id.get(fid) != names[code]
-                 for fid, code in zip(s.ids[: s.count].tolist(), s.codes[: s.count].tolist(), strict=True)],
+                [
+                    labels_by_id.get(fid) != names[code]
+                    for fid, code in zip(
+                        s.ids[: s.count].tolist(), s.codes[: s.count].tolist(), strict=True
+                    )
+                ],
                 dtype=bool,
             )
             removed = int(s.count - keep.sum())
@@ -243,7 +247,10 @@ class FeedbackMemory:
             self._snapshot = self._compacted(np.zeros(self._snapshot.count, dtype=bool))
 
     def _compacted(self, keep: np.ndarray) -> _Snapshot:
-        """A fresh snapshot of the kept rows (new buffers: readers of the old one are unaffected)."""
+        """A fresh snapshot of the kept rows.
+
+        New buffers: readers of the old snapshot are unaffected.
+        """
         s = self._snapshot
         rows = np.flatnonzero(keep)
         return _Snapshot(
@@ -274,8 +281,12 @@ class FeedbackMemory:
             codes = codes.copy()
             live = s.codes[: s.count]
             for i in np.flatnonzero(answered):
-                codes[i] = _weighted_vote(similarity[i], live, entry_thresholds[live], self.neighbours)
-        labels = [s.label_names[c] if a else None for c, a in zip(codes.tolist(), answered, strict=True)]
+                codes[i] = _weighted_vote(
+                    similarity[i], live, entry_thresholds[live], self.neighbours
+                )
+        labels = [
+            s.label_names[c] if a else None for c, a in zip(codes.tolist(), answered, strict=True)
+        ]
         return MemoryMatches(labels, best, feedback_ids)
 
     def _thresholds(self, s: _Snapshot) -> np.ndarray:
@@ -447,7 +458,7 @@ def rebuilt_memory(
     return memory, calibration
 
 
-# -- keeping every worker in step with the store ----------------------------------------------------
+# -- keeping every worker in step with the store ------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -522,7 +533,9 @@ class FeedbackFollower:
         kept = [c for c in latest.values() if c.label is not None]
         missing = [c for c in kept if c.embedding is None]
         vectors: dict[int, np.ndarray] = {
-            c.feedback_id: np.asarray(c.embedding, np.float32) for c in kept if c.embedding is not None
+            c.feedback_id: np.asarray(c.embedding, np.float32)
+            for c in kept
+            if c.embedding is not None
         }
         if missing:
             computed = self.embed([c.text for c in missing])

@@ -160,7 +160,9 @@ def compose_with_encoder(encoder_onnx: Path, head: ClassifierHead, path: Path) -
             opset_version=OPSET, do_constant_folding=True, dynamo=False,
         )
     head_model = compose.add_prefix(onnx.load_from_string(buffer.getvalue()), "head/")
-    encoder = utils.Extractor(onnx.load(str(encoder_onnx))).extract_model(list(INPUT_NAMES), ["embedding"])
+    encoder = utils.Extractor(onnx.load(str(encoder_onnx))).extract_model(
+        list(INPUT_NAMES), ["embedding"]
+    )
     head_model.ir_version = encoder.ir_version
     merged = compose.merge_models(
         encoder, head_model, io_map=[("embedding", "head/embedding")],

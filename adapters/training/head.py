@@ -384,7 +384,10 @@ def _fit_mlp(
 
 @torch.no_grad()
 def copy_weights(source: ClassifierHead, target: ClassifierHead, class_map: list[int]) -> None:
-    """Copy ``source`` into ``target``; output class ``i`` of ``source`` becomes ``class_map[i]``."""
+    """Copy ``source`` into ``target``.
+
+    Output class ``i`` of ``source`` becomes output class ``class_map[i]`` of ``target``.
+    """
     source_state = source.state_dict()
     target_state = target.state_dict()
     last = f"net.{len(target.net) - 1}"

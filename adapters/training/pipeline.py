@@ -120,7 +120,9 @@ class EmbeddedSplits:
     def y(self, name: str) -> np.ndarray:
         """Class indices of split ``name``."""
         index = {label: i for i, label in enumerate(self.labels)}
-        return np.array([index[label] for label in getattr(self.splits, name).labels], dtype=np.int64)
+        return np.array(
+            [index[label] for label in getattr(self.splits, name).labels], dtype=np.int64
+        )
 
 
 @dataclass(frozen=True)
@@ -293,7 +295,9 @@ def train_version(
             data_source=source,
             training={
                 "splits": {
-                    "test": "given" if test is not None else f"stratified {options.test_fraction:.0%}",
+                    "test": "given"
+                    if test is not None
+                    else f"stratified {options.test_fraction:.0%}",
                     "validation": f"stratified {options.validation_fraction:.0%}",
                 },
             },
@@ -322,7 +326,9 @@ def embed_splits(splits: Splits, source: EncoderSource, reporter: Reporter) -> E
         reporter.event("embedded", done=done + n, total=total)
 
     for name, part in splits.items():
-        embeddings[name] = embed_texts(source.encoder, source.tokenizer, part.texts, progress=progress)
+        embeddings[name] = embed_texts(
+            source.encoder, source.tokenizer, part.texts, progress=progress
+        )
         done += len(part)
     return EmbeddedSplits(splits.train.label_set(), splits, embeddings)
 

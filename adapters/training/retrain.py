@@ -267,7 +267,9 @@ def split_data(
     replay = np.sort(rng.choice(len(champion_splits.train), replay_n, replace=False))
 
     def texts_of(positions: np.ndarray) -> LabelledTexts:
-        return LabelledTexts.of([items[p].text for p in positions], [labels_of[p] for p in positions])
+        return LabelledTexts.of(
+            [items[p].text for p in positions], [labels_of[p] for p in positions]
+        )
 
     splits = Splits(
         champion_splits.train.subset(replay) + texts_of(fb_fit),
@@ -288,7 +290,9 @@ def split_data(
     )
 
 
-def retrain_recipe(champion: ModelVersion, labels: list[str], options: RetrainOptions) -> HeadRecipe:
+def retrain_recipe(
+    champion: ModelVersion, labels: list[str], options: RetrainOptions
+) -> HeadRecipe:
     """The champion's own recipe (its chosen head configuration), warm-started from its head."""
     config = HeadConfig(**champion.manifest["training"]["head"])
     warm_start = None

@@ -175,9 +175,14 @@ def search_head(
             if config.is_linear:
                 previous[key] = (config.c, trained.head)
             results.append(trained)
-        predictions.append(np.concatenate([
-            head_probabilities(r.head, part[2]).argmax(axis=1) for r, part in zip(results, parts, strict=True)
-        ]))
+        predictions.append(
+            np.concatenate(
+                [
+                    head_probabilities(r.head, part[2]).argmax(axis=1)
+                    for r, part in zip(results, parts, strict=True)
+                ]
+            )
+        )
         accuracy = float(np.mean([r.val_accuracy for r in results]))
         f1 = float(np.mean([r.val_macro_f1 for r in results]))
         loss = float(np.mean([r.val_loss for r in results]))

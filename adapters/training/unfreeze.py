@@ -182,18 +182,24 @@ def gradual_unfreeze(
 
     # One parameter group per layer, created up front; a layer joins training when its stage
     # begins (until then it has no gradient, so AdamW leaves it alone).
-    groups: list[dict[str, Any]] = [{"params": list(head.parameters()), "lr": config.head_learning_rate}]
+    groups: list[dict[str, Any]] = [
+        {"params": list(head.parameters()), "lr": config.head_learning_rate}
+    ]
     for layer_index in range(start, total_layers):
         depth = total_layers - 1 - layer_index
         groups.append({"params": list(encoder.layers[layer_index].parameters()),
                        "lr": config.encoder_learning_rate * config.layer_decay**depth})
     optimiser = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
-    steps_per_epoch = len(_batches(train_cache, config.batch_size, torch.Generator().manual_seed(0)))
+    steps_per_epoch = len(
+        _batches(train_cache, config.batch_size, torch.Generator().manual_seed(0))
+    )
     total_steps = max(1, steps_per_epoch * config.epochs_per_stage * k)
     warmup = max(1, int(total_steps * config.warmup_fraction))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimiser,
-        lambda step: min((step + 1) / warmup, max(0.0, (total_steps - step) / (total_steps - warmup))),
+        lambda step: min(
+            (step + 1) / warmup, max(0.0, (total_steps - step) / (total_steps - warmup))
+        ),
     )
 
     best_f1 = baseline_val_macro_f1
