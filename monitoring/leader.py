@@ -14,6 +14,7 @@ import os
 import subprocess
 import threading
 from pathlib import Path
+from typing import TextIO
 
 from refit.processes import spawn_module
 
@@ -28,7 +29,7 @@ class MonitorLeader:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._process: subprocess.Popen[bytes] | None = None
-        self._lock_file = None
+        self._lock_file: TextIO | None = None
 
     @property
     def leading(self) -> bool:

@@ -415,7 +415,7 @@ def calibrate_threshold(
     allowed = known_change >= -max_known_loss * max(1, int(item_known.sum()))
     total = np.where(allowed, total, np.iinfo(np.int64).min)
     # Candidates run from the ceiling down, so the first maximum has the highest thresholds.
-    i, j = np.unravel_index(int(np.argmax(total)), total.shape)
+    i, j = (int(v) for v in np.unravel_index(int(np.argmax(total)), total.shape))
     if total[i, j] <= 0:
         i, j = 0, 0
     t_known, t_new = float(t1[i]), float(t2[j])

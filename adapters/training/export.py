@@ -154,7 +154,9 @@ def compose_with_encoder(encoder_onnx: Path, head: ClassifierHead, path: Path) -
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            _HeadGraph(head).eval(), (torch.zeros(2, head.center.shape[0]),), buffer,
+            _HeadGraph(head).eval(),
+            (torch.zeros(2, head.center.shape[0]),),
+            buffer,  # type: ignore[arg-type]  # stubs omit the file objects the exporter accepts
             input_names=["embedding"], output_names=["probabilities"],
             dynamic_axes={"embedding": {0: "batch"}, "probabilities": {0: "batch"}},
             opset_version=OPSET, do_constant_folding=True, dynamo=False,
@@ -182,7 +184,7 @@ def check_head_parity(
     path: Path,
     texts: Sequence[str] = (),
     tolerance: float = PARITY_TOLERANCE,
-) -> dict[str, float]:
+) -> dict[str, float | str]:
     """Parity of a composed graph: its probabilities against the PyTorch head applied to the
     embeddings its (reused, already verified) encoder part computes."""
     batch, _, _, got_p, got_e = _run_parity_batch(path, tokenizer, texts)

@@ -20,6 +20,7 @@ import os
 import platform
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -474,6 +475,7 @@ def register_version(
     with registry.stage() as staged:
         reporter.phase("exporting", "ONNX")
         onnx_path = staged.path / "model.onnx"
+        parity: Mapping[str, float | str]
         if source.onnx_from is not None:
             compose_with_encoder(source.onnx_from, head, onnx_path)
             parity = check_head_parity(head, tokenizer, onnx_path, splits.test.texts)

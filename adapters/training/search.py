@@ -136,8 +136,8 @@ def search_head(
     configs = candidate_configs(base, options, seed)
     if len(configs) == 1:
         # Nothing to choose between: the final training reports the validation score.
-        trial = {"trial": 1, "params": trial_params(configs[0]), "score": None}
-        return SearchResult(configs[0], "none (one configuration)", [trial],
+        only_trial = {"trial": 1, "params": trial_params(configs[0]), "score": None}
+        return SearchResult(configs[0], "none (one configuration)", [only_trial],
                             time.perf_counter() - started)
     pooled_x = np.concatenate([x_train, x_val])
     pooled_y = np.concatenate([y_train, y_val])

@@ -168,8 +168,10 @@ def gradual_unfreeze(
     k = max(1, min(config.layers, total_layers))
     start = total_layers - k
     generator = seed_everything(seed)
-    hidden = head_config.hidden_size if config.head_hidden_size is None else config.head_hidden_size
-    head = ClassifierHead(EMBEDDING_DIM, num_classes, hidden, head_config.dropout)
+    hidden_size = (
+        head_config.hidden_size if config.head_hidden_size is None else config.head_hidden_size
+    )
+    head = ClassifierHead(EMBEDDING_DIM, num_classes, hidden_size, head_config.dropout)
     for parameter in encoder.parameters():
         parameter.requires_grad_(False)
     original = copy.deepcopy(encoder.state_dict())
