@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -31,10 +32,8 @@ def tree_pids(root: int) -> list[int]:
     pids = [root]
     for pid in pids:
         for task in Path(f"/proc/{pid}/task").glob("*"):
-            try:
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
                 pids += [int(c) for c in (task / "children").read_text().split()]
-            except (FileNotFoundError, ProcessLookupError):
-                pass
     return pids
 
 
@@ -88,13 +87,27 @@ def run_wrk(url: str, concurrency: int, seconds: int, bodies: Path, server_pid: 
     lua = ROOT / "bench" / "predict.lua"
     before = cpu_seconds(server_pid)
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "10s", "-s", str(lua), url],
-        capture_output=True, text=True, env={**os.environ, "REFIT_BENCH_BODIES": str(bodies)},
+        [
+            "wrk",
+            "-t1",
+            f"-c{concurrency}",
+            f"-d{seconds}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(lua),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "REFIT_BENCH_BODIES": str(bodies)},
         check=True,
     ).stdout
     used = cpu_seconds(server_pid) - before
     summary = json.loads(re.search(r"WRK_JSON (\{.*\})", out).group(1))
-    errors = sum(summary[k] for k in ("non_2xx", "connect_errors", "read_errors", "write_errors", "timeouts"))
+    errors = sum(
+        summary[k] for k in ("non_2xx", "connect_errors", "read_errors", "write_errors", "timeouts")
+    )
     requests = summary["requests"]
     return LoadResult(
         concurrency=concurrency,

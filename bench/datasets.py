@@ -1,4 +1,6 @@
-"""The evaluation data sets every training or adaptation change is judged on, with cached embeddings.
+"""The evaluation data sets every training or adaptation change is judged on.
+
+They come with cached embeddings.
 
 Each :class:`Benchmark` has train/validation/test splits of labelled texts and their frozen-encoder
 embeddings (the packaged all-MiniLM-L6-v2, mean pooling, L2 normalisation, 128 tokens: exactly what
@@ -143,7 +145,7 @@ def embed(texts: list[str]) -> np.ndarray:
     path = CACHE / f"{key}.npy"
     if path.exists():
         return np.load(path)
-    from adapters.training.encoder import load_encoder, tokenizer_for, embed_texts
+    from adapters.training.encoder import embed_texts, load_encoder, tokenizer_for
 
     if _encoder is None:
         _encoder = load_encoder()

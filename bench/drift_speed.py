@@ -41,7 +41,9 @@ def predictions_for(version_dir: Path, texts: list[str]):
     return classifier.labels, probabilities, embeddings
 
 
-def fill_predictions(db_url: str, version: str, texts, labels, probabilities, embeddings, n: int) -> None:
+def fill_predictions(
+    db_url: str, version: str, texts, labels, probabilities, embeddings, n: int
+) -> None:
     from refit.store import PredictionRecord, Store
 
     store = Store.from_url(db_url)
@@ -57,7 +59,9 @@ def fill_predictions(db_url: str, version: str, texts, labels, probabilities, em
     store.close()
 
 
-def window_verdicts(reference, labels, probabilities, embeddings, texts, windows: int, size: int) -> list[dict]:
+def window_verdicts(
+    reference, labels, probabilities, embeddings, texts, windows: int, size: int
+) -> list[dict]:
     from monitoring.drift import Thresholds, Window, detect
 
     rng = np.random.default_rng(0)
@@ -106,7 +110,9 @@ def main() -> None:
         registry = workdir / f"registry-{size}"
         (registry / "versions").mkdir(parents=True)
         os.symlink(args.version_dir.resolve(), registry / "versions" / version.name)
-        (registry / "current.json").write_text(json.dumps({"version": version.name, "previous": None}))
+        (registry / "current.json").write_text(
+            json.dumps({"version": version.name, "previous": None})
+        )
         job = DriftJob(RefitSettings(registry_path=registry, data_dir=workdir / f"var-{size}",
                                      database_url=db, drift_window=size), Store.from_url(db))
         runs = []
@@ -124,8 +130,12 @@ def main() -> None:
         _, test_p, test_e = predictions_for(args.version_dir, test_texts)
         _, hotel_p, hotel_e = predictions_for(args.version_dir, hotel_texts)
         verdicts = {
-            "banking77 test (in distribution)": window_verdicts(reference, labels, test_p, test_e, test_texts, 10, 500),
-            "NLU++ hotels (other domain)": window_verdicts(reference, labels, hotel_p, hotel_e, hotel_texts, 10, 500),
+            "banking77 test (in distribution)": window_verdicts(
+                reference, labels, test_p, test_e, test_texts, 10, 500
+            ),
+            "NLU++ hotels (other domain)": window_verdicts(
+                reference, labels, hotel_p, hotel_e, hotel_texts, 10, 500
+            ),
         }
     for name, rows in verdicts.items():
         print(f"  {name}: {sum(r['drift'] for r in rows)}/10 windows flagged", file=sys.stderr)
@@ -136,8 +146,16 @@ def main() -> None:
     for label, interval in (("drift idle", "3600"), ("drift running every 1s", "1")):
         db = f"sqlite:///{workdir}/live-{interval}.db"
         fill_predictions(db, version.name, train_texts, labels, probabilities, embeddings, 2000)
-        server = serve_refit(args.version_dir, workdir / f"live-{interval}", 3320, env={
-            "REFIT_DATABASE_URL": db, "REFIT_DRIFT_INTERVAL_S": interval, "REFIT_DRIFT_WINDOW": "2000"})
+        server = serve_refit(
+            args.version_dir,
+            workdir / f"live-{interval}",
+            3320,
+            env={
+                "REFIT_DATABASE_URL": db,
+                "REFIT_DRIFT_INTERVAL_S": interval,
+                "REFIT_DRIFT_WINDOW": "2000",
+            },
+        )
         try:
             wait_ready("http://127.0.0.1:3320")
             runs_log = workdir / f"live-{interval}" / "var" / "drift" / "drift_job.log"
@@ -147,7 +165,9 @@ def main() -> None:
                     time.sleep(0.5)
             before = runs_log.read_text().count("drift ok") if runs_log.exists() else 0
             run_wrk("http://127.0.0.1:3320", args.concurrency, 3, bodies, server.pid)
-            latency[label] = run_wrk("http://127.0.0.1:3320", args.concurrency, args.seconds, bodies, server.pid)
+            latency[label] = run_wrk(
+                "http://127.0.0.1:3320", args.concurrency, args.seconds, bodies, server.pid
+            )
             after = runs_log.read_text().count("drift ok") if runs_log.exists() else 0
             latency[label + " (drift runs logged)"] = after - before
         finally:
@@ -156,14 +176,23 @@ def main() -> None:
     summary = {
         "concurrency": args.concurrency,
         "drift_runs_during_load": latency["drift running every 1s (drift runs logged)"],
-        "window_2000_seconds": next((t["median_seconds"] for t in timings if t["window"] == 2000), None),
+        "window_2000_seconds": next(
+            (t["median_seconds"] for t in timings if t["window"] == 2000), None
+        ),
         "p99_idle_ms": idle.p99_ms,
         "p99_drift_running_ms": busy.p99_ms,
         "p99_increase": busy.p99_ms / idle.p99_ms - 1,
-        "false_alarms_in_distribution": sum(r["drift"] for r in verdicts.get("banking77 test (in distribution)", [])),
-        "detections_other_domain": sum(r["drift"] for r in verdicts.get("NLU++ hotels (other domain)", [])),
+        "false_alarms_in_distribution": sum(
+            r["drift"] for r in verdicts.get("banking77 test (in distribution)", [])
+        ),
+        "detections_other_domain": sum(
+            r["drift"] for r in verdicts.get("NLU++ hotels (other domain)", [])
+        ),
     }
-    path = save("drift_speed" if not args.only_latency else f"drift_latency_c{args.concurrency}", {"timings": timings, "verdicts": verdicts, "latency": latency, "summary": summary})
+    path = save(
+        "drift_speed" if not args.only_latency else f"drift_latency_c{args.concurrency}",
+        {"timings": timings, "verdicts": verdicts, "latency": latency, "summary": summary},
+    )
     print("\n" + json.dumps(summary, indent=1))
     print(f"results: {path}")
 

@@ -47,11 +47,15 @@ def fill_feedback(db_url: str, texts, labels, vectors, encoder_id: str | None, n
     records = []
     for i in range(n):
         j = i % len(texts)
-        records.append(FeedbackRecord(
-            prediction_id=None, text=texts[j] if i < len(texts) else f"{texts[j]} ({i // len(texts)})",
-            label=labels[j],
-            embedding=vector_bytes(vectors[j]) if encoder_id else None, encoder_id=encoder_id,
-        ))
+        records.append(
+            FeedbackRecord(
+                prediction_id=None,
+                text=texts[j] if i < len(texts) else f"{texts[j]} ({i // len(texts)})",
+                label=labels[j],
+                embedding=vector_bytes(vectors[j]) if encoder_id else None,
+                encoder_id=encoder_id,
+            )
+        )
     for start in range(0, n, 5000):
         store.insert_feedback(records[start : start + 5000])
     store.close()
@@ -66,8 +70,13 @@ def run_job(db_url: str, registry: Path, workdir: Path) -> dict:
     env = {**os.environ, "REFIT_DATABASE_URL": db_url, "REFIT_REGISTRY_PATH": str(registry),
            "REFIT_DATA_DIR": str(workdir)}
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "adapters.training.retrain", job_id], cwd=ROOT, env=env, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "adapters.training.retrain", job_id],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     wall = time.perf_counter() - started
     job = store.get_job(job_id)
     store.close()
@@ -101,8 +110,13 @@ def main() -> None:
             fill_feedback(db, texts, labels, vectors, encoder_id if cached else None, size)
             registry = registry_with(args.version_dir, workdir / f"registry-{size}-{cached}")
             result = run_job(db, registry, workdir)
-            timings.append({"feedback": size, "embeddings": "cached" if cached else "re-encoded", **result})
-            print(f"  {size:>6} feedback, {'cached' if cached else 're-encoded'}: {result}", file=sys.stderr)
+            timings.append(
+                {"feedback": size, "embeddings": "cached" if cached else "re-encoded", **result}
+            )
+            print(
+                f"  {size:>6} feedback, {'cached' if cached else 're-encoded'}: {result}",
+                file=sys.stderr,
+            )
 
     # Latency around a retrain and around swaps, on a live server.
     test_texts = read_texts(shared / "banking77" / "test.jsonl")
@@ -116,9 +130,14 @@ def main() -> None:
         wait_ready(url)
         run_wrk(url, 8, 3, bodies, server.pid)
         latency["steady"] = run_wrk(url, 8, args.seconds, bodies, server.pid)
-        job = httpx.post(url + "/retrain", json={"min_feedback": 1, "force": True}, timeout=30).json()
+        job = httpx.post(
+            url + "/retrain", json={"min_feedback": 1, "force": True}, timeout=30
+        ).json()
         latency["during_retrain"] = run_wrk(url, 8, args.seconds, bodies, server.pid)
-        while (final := httpx.get(f"{url}/retrain/{job['job_id']}").json())["phase"] not in ("done", "failed"):
+        while (final := httpx.get(f"{url}/retrain/{job['job_id']}").json())["phase"] not in (
+            "done",
+            "failed",
+        ):
             time.sleep(1)
         latency["retrain_job"] = {"phase": final["phase"], "result": final.get("result"),
                                   "seconds_under_load": final["updated_at"] - final["created_at"]}
@@ -154,9 +173,14 @@ def main() -> None:
         "swaps": latency["swaps"],
     }
     path = save("retrain_speed", {"timings": timings, "latency": latency, "summary": summary})
-    print("\n| feedback items | embeddings | job wall time (s) | in-job time (s) |\n|---|---|---|---|")
+    print(
+        "\n| feedback items | embeddings | job wall time (s) | in-job time (s) |\n|---|---|---|---|"
+    )
     for row in timings:
-        print(f"| {row['feedback']} | {row['embeddings']} | {row['wall_seconds']} | {row['in_job_seconds']} |")
+        print(
+            f"| {row['feedback']} | {row['embeddings']} | {row['wall_seconds']} "
+            f"| {row['in_job_seconds']} |"
+        )
     print("\n" + json.dumps(summary, indent=1, default=str))
     print(f"results: {path}")
 

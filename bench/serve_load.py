@@ -60,10 +60,20 @@ def raw_onnx(version_dir: Path, texts: list[str], threads: int) -> list[dict]:
                 else:
                     classifier.predict(chunk)
             wall, cpu = time.perf_counter() - start_wall, time.process_time() - start_cpu
-            rows.append({"threads": threads, "batch": batch, "mode": mode,
-                         "items_per_s": len(texts) / wall, "cpu_ms_per_item": 1000 * cpu / len(texts)})
-            print(f"  raw onnxruntime threads={threads} batch={batch:>2} {mode:<7} "
-                  f"{rows[-1]['items_per_s']:7.1f}/s  {rows[-1]['cpu_ms_per_item']:.2f} ms CPU/item", file=sys.stderr)
+            rows.append(
+                {
+                    "threads": threads,
+                    "batch": batch,
+                    "mode": mode,
+                    "items_per_s": len(texts) / wall,
+                    "cpu_ms_per_item": 1000 * cpu / len(texts),
+                }
+            )
+            print(
+                f"  raw onnxruntime threads={threads} batch={batch:>2} {mode:<7} "
+                f"{rows[-1]['items_per_s']:7.1f}/s  {rows[-1]['cpu_ms_per_item']:.2f} ms CPU/item",
+                file=sys.stderr,
+            )
     return rows
 
 
@@ -86,24 +96,47 @@ def load_series(url: str, pid: int, bodies: Path, seconds: int, label: str) -> l
     for concurrency in CONCURRENCY:
         result = run_wrk(url, concurrency, seconds, bodies, pid)
         results.append(result)
-        print(f"  {label} c={concurrency:>2}: {result.throughput:6.1f} req/s  p50 {result.p50_ms:6.1f}  "
-              f"p95 {result.p95_ms:6.1f}  p99 {result.p99_ms:6.1f} ms  p99/p50 {result.p99_over_p50:.2f}  "
-              f"errors {result.errors}  {result.cpu_ms_per_prediction:.2f} ms CPU/prediction", file=sys.stderr)
+        print(
+            f"  {label} c={concurrency:>2}: {result.throughput:6.1f} req/s  "
+            f"p50 {result.p50_ms:6.1f}  p95 {result.p95_ms:6.1f}  p99 {result.p99_ms:6.1f} ms  "
+            f"p99/p50 {result.p99_over_p50:.2f}  "
+            f"errors {result.errors}  {result.cpu_ms_per_prediction:.2f} ms CPU/prediction",
+            file=sys.stderr,
+        )
     return results
 
 
-def serve_refit(version_dir: Path, workdir: Path, port: int, env: dict[str, str] | None = None) -> subprocess.Popen:
+def serve_refit(
+    version_dir: Path, workdir: Path, port: int, env: dict[str, str] | None = None
+) -> subprocess.Popen:
     """``bentoml serve`` on a registry holding ``version_dir`` as its current version."""
     registry = workdir / "registry"
     (registry / "versions").mkdir(parents=True)
     os.symlink(version_dir.resolve(), registry / "versions" / version_dir.name)
     (registry / "current.json").write_text(f'{{"version": "{version_dir.name}", "previous": null}}')
-    env = {**os.environ, "REFIT_REGISTRY_PATH": str(registry), "REFIT_DATA_DIR": str(workdir / "var"),
-           "BENTOML_HOME": str(workdir / "bentoml"), "BENTOML_DO_NOT_TRACK": "True",
-           "REFIT_DRIFT_INTERVAL_S": "3600", **(env or {})}
+    env = {
+        **os.environ,
+        "REFIT_REGISTRY_PATH": str(registry),
+        "REFIT_DATA_DIR": str(workdir / "var"),
+        "BENTOML_HOME": str(workdir / "bentoml"),
+        "BENTOML_DO_NOT_TRACK": "True",
+        "REFIT_DRIFT_INTERVAL_S": "3600",
+        **(env or {}),
+    }
     return subprocess.Popen(
-        [str(Path(sys.executable).parent / "bentoml"), "serve", ".", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT, env=env, stdout=(workdir / "serve.log").open("wb"), stderr=subprocess.STDOUT,
+        [
+            str(Path(sys.executable).parent / "bentoml"),
+            "serve",
+            ".",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=(workdir / "serve.log").open("wb"),
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
 
@@ -143,14 +176,20 @@ def main() -> None:
     raw: list[dict] = []
     if not args.skip_raw:
         print("the limit: raw onnxruntime in-process", file=sys.stderr)
-        raw = raw_onnx(args.version_dir, texts[:1024], 1) + raw_onnx(args.version_dir, texts[:1024], 2)
+        raw = raw_onnx(args.version_dir, texts[:1024], 1) + raw_onnx(
+            args.version_dir, texts[:1024], 2
+        )
 
     print("refit: bentoml serve, 2 workers", file=sys.stderr)
     server = serve_refit(args.version_dir, workdir, 3300, env=server_env)
     try:
         wait_ready("http://127.0.0.1:3300")
         refit = load_series("http://127.0.0.1:3300", server.pid, bodies, args.seconds, "refit")
-        workers = [p for p in tree_pids(server.pid) if "_bentoml_impl.worker" in Path(f"/proc/{p}/cmdline").read_text()]
+        workers = [
+            p
+            for p in tree_pids(server.pid)
+            if "_bentoml_impl.worker" in Path(f"/proc/{p}/cmdline").read_text()
+        ]
         memory = {str(p): round(rss_mb(p), 1) for p in workers}
     finally:
         stop(server)
@@ -161,29 +200,45 @@ def main() -> None:
         baseline = serve_torch(args.version_dir, workdir, 3301)
         try:
             wait_ready("http://127.0.0.1:3301")
-            torch_results = load_series("http://127.0.0.1:3301", baseline.pid, bodies, args.seconds, "torch")
+            torch_results = load_series(
+                "http://127.0.0.1:3301", baseline.pid, bodies, args.seconds, "torch"
+            )
         finally:
             stop(baseline)
 
     at32 = next(r for r in refit if r.concurrency == 32)
     summary: dict = {"server_env": server_env}
     if raw:
-        naive32 = next(r for r in raw if r["threads"] == 1 and r["batch"] == 32 and r["mode"] == "naive")
-        planned32 = next(r for r in raw if r["threads"] == 1 and r["batch"] == 32 and r["mode"] == "planned")
-        best_naive = min((r for r in raw if r["mode"] == "naive"), key=lambda r: r["cpu_ms_per_item"])
+        naive32 = next(
+            r for r in raw if r["threads"] == 1 and r["batch"] == 32 and r["mode"] == "naive"
+        )
+        planned32 = next(
+            r for r in raw if r["threads"] == 1 and r["batch"] == 32 and r["mode"] == "planned"
+        )
+        best_naive = min(
+            (r for r in raw if r["mode"] == "naive"), key=lambda r: r["cpu_ms_per_item"]
+        )
         summary |= {
-            "cpu_ratio_vs_raw_batch32_naive": at32.cpu_ms_per_prediction / naive32["cpu_ms_per_item"],
-            "cpu_ratio_vs_raw_best_naive": at32.cpu_ms_per_prediction / best_naive["cpu_ms_per_item"],
-            "cpu_ratio_vs_raw_batch32_planned": at32.cpu_ms_per_prediction / planned32["cpu_ms_per_item"],
+            "cpu_ratio_vs_raw_batch32_naive": at32.cpu_ms_per_prediction
+            / naive32["cpu_ms_per_item"],
+            "cpu_ratio_vs_raw_best_naive": at32.cpu_ms_per_prediction
+            / best_naive["cpu_ms_per_item"],
+            "cpu_ratio_vs_raw_batch32_planned": at32.cpu_ms_per_prediction
+            / planned32["cpu_ms_per_item"],
         }
     summary |= {
-        "throughput_ratio_vs_torch_c32": (at32.throughput / next(r for r in torch_results if r.concurrency == 32).throughput)
-        if torch_results else None,
+        "throughput_ratio_vs_torch_c32": (
+            at32.throughput / next(r for r in torch_results if r.concurrency == 32).throughput
+        )
+        if torch_results
+        else None,
         "max_p99_over_p50": max(r.p99_over_p50 for r in refit),
         "errors": sum(r.errors for r in refit),
         "worker_rss_mb": memory,
     }
-    path = save(args.save_as, {"raw_onnx": raw, "refit": refit, "torch": torch_results, "summary": summary})
+    path = save(
+        args.save_as, {"raw_onnx": raw, "refit": refit, "torch": torch_results, "summary": summary}
+    )
     print("\n" + "\n".join(f"{k}: {v}" for k, v in summary.items()))
     print(f"results: {path}")
 

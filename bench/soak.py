@@ -18,6 +18,7 @@ errors, p50 and p99, and the resident memory (RSS) of every worker, sampled ever
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -65,10 +66,8 @@ class Sampler(threading.Thread):
         while not self.stop.is_set():
             row = {"t": round(time.monotonic() - self.started, 1)}
             for pid in worker_pids(self.server_pid):
-                try:
+                with contextlib.suppress(FileNotFoundError, ProcessLookupError):
                     row[str(pid)] = round(rss_mb(pid), 1)
-                except (FileNotFoundError, ProcessLookupError):
-                    pass
             self.samples.append(row)
             self.stop.wait(self.every_s)
 
@@ -119,7 +118,9 @@ def main() -> None:
                         str(ROOT / "data" / "demo" / "intents.jsonl"), "--registry", str(registry),
                         "--search", "none"], check=True, cwd=ROOT)
     bank = SHARED / "banking77" / "test.jsonl"
-    texts = read_texts(bank) if bank.exists() else read_texts(ROOT / "data" / "demo" / "intents.jsonl")
+    texts = (
+        read_texts(bank) if bank.exists() else read_texts(ROOT / "data" / "demo" / "intents.jsonl")
+    )
     bodies = write_bodies(texts, work / "bodies.jsonl")
     feedback = json.loads((ROOT / "data" / "demo" / "feedback.json").read_text())["items"]
 

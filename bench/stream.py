@@ -132,7 +132,10 @@ def first_version(bench: Benchmark, old: list[str], options: StreamOptions) -> V
 
 
 def holdout_mask(ids: list[int], labels: list[str], fraction: float) -> np.ndarray:
-    """The retrain job's held-out feedback: per label, the ``fraction`` with the smallest id hash."""
+    """The retrain job's held-out feedback.
+
+    Per label, the ``fraction`` with the smallest id hash.
+    """
     mask = np.zeros(len(ids), dtype=bool)
     by_label: dict[str, list[int]] = {}
     for position, label in enumerate(labels):
@@ -207,7 +210,7 @@ def build_stream(bench: Benchmark, options: StreamOptions) -> Stream:
     counts = {label: bench.train.labels.count(label) for label in bench.labels}
     test_counts = {label: bench.test.labels.count(label) for label in bench.labels}
     # New labels need enough rows to give ~20 feedback items and a probe set.
-    eligible = sorted(l for l in bench.labels if counts[l] >= 80 and test_counts[l] >= 15)
+    eligible = sorted(lab for lab in bench.labels if counts[lab] >= 80 and test_counts[lab] >= 15)
     new = sorted(rng.choice(eligible, options.new_labels, replace=False).tolist())
     old = [label for label in bench.labels if label not in set(new)]
     test_labels = np.array(bench.test.labels)
@@ -317,7 +320,9 @@ def run(name: str, options: StreamOptions) -> dict[str, Any]:
                 answer = version.predict(xb)
                 if arm in memories:
                     matches = memories[arm].lookup(xb)
-                    answer[matches.answered] = np.array(matches.labels, dtype=object)[matches.answered]
+                    answer[matches.answered] = np.array(matches.labels, dtype=object)[
+                        matches.answered
+                    ]
                     from_memory[arm][batch] = matches.answered
                 correct[arm][batch] = answer == truth[batch]
             # Feedback on a fraction of the batch, in effect at once.
@@ -467,7 +472,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         (f"**{result['dataset']}**: {result['predictions']} predictions, {result['feedback']} "
         f"feedback items ({result['wrong_feedback']} wrongly labelled), new labels "
-        f"{', '.join(f'`{l}`' for l in result['new_labels'])} from chunk "
+        f"{', '.join(f'`{lab}`' for lab in result['new_labels'])} from chunk "
         f"{result['options']['new_from_chunk']}, {len(result['retrains'])} retrains."),
         "",
         "| | never | memory | retrain | both | memory, 5-NN vote |",

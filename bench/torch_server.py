@@ -37,13 +37,15 @@ async def predict(request: Request) -> JSONResponse:
     texts = (await request.json())["texts"]
     ids, mask = _tokenizer.encode(texts)
     with torch.inference_mode():
-        probabilities = torch.softmax(_head(_encoder(torch.from_numpy(ids), torch.from_numpy(mask))), -1)
+        probabilities = torch.softmax(
+            _head(_encoder(torch.from_numpy(ids), torch.from_numpy(mask))), -1
+        )
     predictions = []
     for row in probabilities.tolist():
         best = max(range(len(row)), key=row.__getitem__)
         predictions.append({
             "prediction_id": uuid.uuid4().hex, "label": _labels[best], "confidence": row[best],
-            "scores": dict(zip(_labels, row)),
+            "scores": dict(zip(_labels, row, strict=True)),
         })
     return JSONResponse({"model_version": _version.name, "predictions": predictions})
 

@@ -35,8 +35,8 @@ def main() -> None:
 
     from adapters.serving.data import read_jsonl
     from adapters.serving.registry import ModelRegistry
-    from adapters.training.search import SearchOptions
     from adapters.training.pipeline import TrainingOptions, train_version, version_data
+    from adapters.training.search import SearchOptions
     from adapters.training.unfreeze import UnfreezeConfig
     from refit.cli import TerminalReporter
 
@@ -85,14 +85,25 @@ def main() -> None:
     chosen = max(fits, key=lambda f: f["val_accuracy"])
     best_on_test = max(fits, key=lambda f: f["accuracy"])
     rows.append({"method": f"logistic regression, C={chosen['C']} chosen on validation", **chosen})
-    rows.append({"method": f"logistic regression, C={best_on_test['C']} best on test (optimistic)", **best_on_test})
+    rows.append(
+        {
+            "method": f"logistic regression, C={best_on_test['C']} best on test (optimistic)",
+            **best_on_test,
+        }
+    )
 
     if not args.skip_unfreeze:
         started = time.perf_counter()
         tuned = train_version(
-            registry, data, test,
-            TrainingOptions(search=SearchOptions("grid"), unfreeze=UnfreezeConfig(layers=args.unfreeze_layers)),
-            promote=False, reporter=TerminalReporter(), source="banking77/train.jsonl",
+            registry,
+            data,
+            test,
+            TrainingOptions(
+                search=SearchOptions("grid"), unfreeze=UnfreezeConfig(layers=args.unfreeze_layers)
+            ),
+            promote=False,
+            reporter=TerminalReporter(),
+            source="banking77/train.jsonl",
         )
         seconds = time.perf_counter() - started
         m = tuned.version.manifest

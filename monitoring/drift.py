@@ -3,7 +3,8 @@
 Four signals compare a window of recent predictions (by the serving version) with the reference
 stored in that version at training time (``reference.npz``):
 
-* ``label``: the predicted-label distribution, Jensen–Shannon distance (Evidently ``jensenshannon``).
+* ``label``: the predicted-label distribution, Jensen–Shannon distance (Evidently
+  ``jensenshannon``).
 * ``confidence``: the probability of the predicted label, Wasserstein distance in units of the
   reference's standard deviation (Evidently ``wasserstein``).
 * ``text_length``: characters per text, the same test.
@@ -24,9 +25,10 @@ three signals run as one Evidently ``Report``, which is also the HTML report of 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -152,7 +154,9 @@ def noise_quantiles(reference: Reference, size: int, seed: int = 0) -> dict[str,
         for name, (values, test, kind) in columns.items():
             score, _ = test.func(pd.Series(values[base]), pd.Series(values[window]), kind, 0.1)
             scores[name].append(float(score))
-    reference.noise[size] = {name: float(np.quantile(v, NOISE_QUANTILE)) for name, v in scores.items()}
+    reference.noise[size] = {
+        name: float(np.quantile(v, NOISE_QUANTILE)) for name, v in scores.items()
+    }
     return reference.noise[size]
 
 
@@ -169,9 +173,13 @@ def tabular_report(reference: Reference, window: Window, thresholds: Thresholds)
     current_frame = _frame(window.labels, window.confidence, window.text_length)
     report = Report(
         [
-            ValueDrift(column="predicted_label", method="jensenshannon", threshold=thresholds.label),
+            ValueDrift(
+                column="predicted_label", method="jensenshannon", threshold=thresholds.label
+            ),
             ValueDrift(column="confidence", method="wasserstein", threshold=thresholds.confidence),
-            ValueDrift(column="text_length", method="wasserstein", threshold=thresholds.text_length),
+            ValueDrift(
+                column="text_length", method="wasserstein", threshold=thresholds.text_length
+            ),
         ]
     )
     return report.run(
@@ -209,8 +217,18 @@ def detect(
     signals: dict[str, SignalResult] = {}
     for name, column, method, configured in (
         ("label", "predicted_label", "Jensen-Shannon distance (Evidently)", thresholds.label),
-        ("confidence", "confidence", "Wasserstein distance, normed (Evidently)", thresholds.confidence),
-        ("text_length", "text_length", "Wasserstein distance, normed (Evidently)", thresholds.text_length),
+        (
+            "confidence",
+            "confidence",
+            "Wasserstein distance, normed (Evidently)",
+            thresholds.confidence,
+        ),
+        (
+            "text_length",
+            "text_length",
+            "Wasserstein distance, normed (Evidently)",
+            thresholds.text_length,
+        ),
     ):
         threshold = max(configured, noise[name])
         signals[name] = SignalResult(

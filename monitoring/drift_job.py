@@ -10,6 +10,7 @@ the serving worker that started it goes away. One per server: see ``monitoring.l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from adapters.serving.registry import ModelRegistry
-from refit.files import atomic_write_bytes
 from monitoring.drift import DriftResult, Reference, Thresholds, Window, detect
 from monitoring.metrics import metrics
+from refit.files import atomic_write_bytes
 from refit.logs import configure_logging
 from refit.settings import RefitSettings, load_settings
 from refit.store import Store
@@ -78,7 +79,9 @@ class DriftJob:
                     labels=[r.label for r in rows],
                     confidence=np.array([r.confidence for r in rows]),
                     text_length=np.array([len(r.text) for r in rows], dtype=np.float64),
-                    embeddings=np.stack([np.frombuffer(r.embedding, dtype=np.float32) for r in rows]),
+                    embeddings=np.stack(
+                        [np.frombuffer(r.embedding, dtype=np.float32) for r in rows]
+                    ),
                     start=rows[0].created_at,
                     end=rows[-1].created_at,
                 )
@@ -94,7 +97,9 @@ class DriftJob:
         m.drift_last_run.set(time.time())
         result.seconds = round(time.perf_counter() - started, 3)
         m.drift_run_duration.observe(result.seconds)
-        atomic_write_bytes(self.folder / "latest.json", json.dumps(result.to_dict(), indent=1).encode())
+        atomic_write_bytes(
+            self.folder / "latest.json", json.dumps(result.to_dict(), indent=1).encode()
+        )
         return result
 
     def _empty(self, status: str, version: str | None, size: int, message: str) -> DriftResult:
@@ -110,7 +115,9 @@ class DriftJob:
         os.replace(temporary, self.folder / "report.html")
 
     def update_online_accuracy(self) -> dict[str, Any]:
-        count, accuracy, per_label = self.store.online_accuracy(self.settings.online_accuracy_window)
+        count, accuracy, per_label = self.store.online_accuracy(
+            self.settings.online_accuracy_window
+        )
         m = metrics()
         m.online_accuracy_window.set(count)
         if accuracy is not None:
@@ -122,22 +129,29 @@ class DriftJob:
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s drift %(levelname)s %(message)s")
-    try:
+    with contextlib.suppress(OSError):
         os.nice(10)
-    except OSError:
-        pass
     settings = load_settings()
     configure_logging(settings)
     store = Store.from_url(settings.resolved_database_url)
     job = DriftJob(settings, store)
     parent = os.getppid()
-    log.info("drift job started (every %.0fs, window %d)", settings.drift_interval_s, settings.drift_window)
+    log.info(
+        "drift job started (every %.0fs, window %d)",
+        settings.drift_interval_s,
+        settings.drift_window,
+    )
     while os.getppid() == parent:
         try:
             result = job.run_once()
             job.update_online_accuracy()
-            log.info("drift %s: %s (window %d, %.2fs)", result.status,
-                     "DRIFT" if result.drift_detected else "no drift", result.window["size"], result.seconds)
+            log.info(
+                "drift %s: %s (window %d, %.2fs)",
+                result.status,
+                "DRIFT" if result.drift_detected else "no drift",
+                result.window["size"],
+                result.seconds,
+            )
         except Exception:  # noqa: BLE001 - the job must outlive one bad run
             log.exception("drift run failed")
         deadline = time.monotonic() + settings.drift_interval_s

@@ -14,6 +14,7 @@ import os
 import subprocess
 import threading
 from pathlib import Path
+from typing import TextIO
 
 from refit.processes import spawn_module
 
@@ -28,7 +29,7 @@ class MonitorLeader:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._process: subprocess.Popen[bytes] | None = None
-        self._lock_file = None
+        self._lock_file: TextIO | None = None
 
     @property
     def leading(self) -> bool:
@@ -40,7 +41,8 @@ class MonitorLeader:
 
     def _try_lock(self) -> bool:
         self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.lock_path, "a+")
+        # Not a `with`: the lock lasts as long as this handle stays open (closed on release).
+        handle = open(self.lock_path, "a+")  # noqa: SIM115
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -55,10 +57,9 @@ class MonitorLeader:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            if not self.leading:
-                if not self._try_lock():
-                    self._stop.wait(self.retry_s)
-                    continue
+            if not self.leading and not self._try_lock():
+                self._stop.wait(self.retry_s)
+                continue
             if self._process is None or self._process.poll() is not None:
                 if self._process is not None:
                     log.warning("drift job exited with %s; restarting", self._process.returncode)

@@ -28,7 +28,23 @@ from prometheus_client import (
 
 from refit.processes import pid_alive
 
-LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+LATENCY_BUCKETS = (
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 1.0)
 SLOW_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
@@ -40,7 +56,9 @@ class RefitMetrics:
     # -- HTTP ----------------------------------------------------------------------------------
     @cached_property
     def http_requests(self) -> Counter:
-        return Counter("refit_http_requests_total", "HTTP requests answered.", ["endpoint", "status"])
+        return Counter(
+            "refit_http_requests_total", "HTTP requests answered.", ["endpoint", "status"]
+        )
 
     @cached_property
     def http_duration(self) -> Histogram:
@@ -253,7 +271,10 @@ def metrics() -> RefitMetrics:
 
 
 def multiprocess_dir() -> str | None:
-    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir")
+    # prometheus_client also honours the older lower-case name.
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get(
+        "prometheus_multiproc_dir"  # noqa: SIM112
+    )
 
 
 def render_latest() -> bytes:

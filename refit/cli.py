@@ -12,8 +12,9 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence, TextIO
+from typing import Any, TextIO
 
 from refit.errors import NotFoundError, RefitError
 from refit.settings import SettingsError, load_settings
@@ -94,8 +95,8 @@ def _registry(args: argparse.Namespace) -> Any:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from adapters.serving.data import read_jsonl
-    from adapters.training.search import SearchOptions
     from adapters.training.pipeline import TrainingOptions, train_version
+    from adapters.training.search import SearchOptions
     from adapters.training.unfreeze import UnfreezeConfig
 
     data = read_jsonl(args.data)
@@ -199,7 +200,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no versions in {registry.root}")
         return 0
-    print(f"{'':2}{'version':<9}{'created':<26}{'labels':>7}{'accuracy':>10}{'macro-F1':>10}  parent")
+    print(
+        f"{'':2}{'version':<9}{'created':<26}{'labels':>7}{'accuracy':>10}{'macro-F1':>10}  parent"
+    )
     for row in rows:
         mark = "* " if row["current"] else "  "
         acc = f"{row['accuracy']:.4f}" if row["accuracy"] is not None else "-"
@@ -268,24 +271,44 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def registry_option(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--registry", type=Path, default=None,
-                       help="model registry folder (default: $REFIT_REGISTRY_PATH or ./model_registry)")
+        p.add_argument(
+            "--registry",
+            type=Path,
+            default=None,
+            help="model registry folder (default: $REFIT_REGISTRY_PATH or ./model_registry)",
+        )
 
     train = sub.add_parser("train", help="train, register and (by default) promote a new version")
-    train.add_argument("--data", type=Path, required=True, help="labelled JSONL: {text, label} per line")
-    train.add_argument("--test", type=Path, help="held-out labelled JSONL (default: a stratified 15%% split)")
+    train.add_argument(
+        "--data", type=Path, required=True, help="labelled JSONL: {text, label} per line"
+    )
+    train.add_argument(
+        "--test", type=Path, help="held-out labelled JSONL (default: a stratified 15%% split)"
+    )
     registry_option(train)
-    train.add_argument("--unfreeze-layers", type=_positive, default=0, metavar="K",
-                       help="fine-tune the encoder's top K layers gradually after the head (default 0)")
+    train.add_argument(
+        "--unfreeze-layers",
+        type=_positive,
+        default=0,
+        metavar="K",
+        help="fine-tune the encoder's top K layers gradually after the head (default 0)",
+    )
     train.add_argument("--search", choices=["none", "grid", "random"], default="grid",
                        help="hyperparameter search for the head (default grid)")
-    train.add_argument("--kfold-below", type=_positive, default=2000, metavar="N",
-                       help="score search trials by 5-fold cross-validation below N examples (default 2000)")
+    train.add_argument(
+        "--kfold-below",
+        type=_positive,
+        default=2000,
+        metavar="N",
+        help="score search trials by 5-fold cross-validation below N examples (default 2000)",
+    )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--max-seq-length", type=_seq_length, default=128, metavar="TOKENS",
                        help="tokens per text; longer text is truncated (8 to the encoder's limit, "
                        "512; default 128)")
-    train.add_argument("--no-promote", action="store_true", help="register without making it current")
+    train.add_argument(
+        "--no-promote", action="store_true", help="register without making it current"
+    )
     train.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     train.set_defaults(func=cmd_train)
 
@@ -306,7 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     registry_option(promote)
     promote.set_defaults(func=cmd_promote)
 
-    rollback = sub.add_parser("rollback", help="promote the version that served before the current one")
+    rollback = sub.add_parser(
+        "rollback", help="promote the version that served before the current one"
+    )
     registry_option(rollback)
     rollback.set_defaults(func=cmd_rollback)
     return parser

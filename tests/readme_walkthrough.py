@@ -1,4 +1,7 @@
-"""The README's "Try it" section, read as the list of requests it shows (so tests follow the README)."""
+"""The README's "Try it" section, read as the list of requests it shows.
+
+So the tests follow the README.
+"""
 
 from __future__ import annotations
 

@@ -57,7 +57,10 @@ def test_feedback_key_and_rate_limit_on_a_real_server(trained_registry, tmp_path
             refused = client.post("/feedback", json={"items": [item]})
             assert refused.status_code == 401 and "REFIT_FEEDBACK_KEY" in refused.json()["error"]
             auth = {"authorization": f"Bearer {KEY}"}
-            assert client.post("/feedback", json={"items": [item] * 20}, headers=auth).status_code == 200
+            assert (
+                client.post("/feedback", json={"items": [item] * 20}, headers=auth).status_code
+                == 200
+            )
             limited = client.post("/feedback", json={"items": [item] * 20}, headers=auth)
             assert limited.status_code == 429
             assert int(limited.headers["retry-after"]) >= 1

@@ -44,7 +44,7 @@ def test_concurrent_requests_share_batches_and_get_their_own_slice():
     async def main():
         requests = [[f"r{i}a", f"r{i}b"] for i in range(10)]
         answers = await asyncio.gather(*(batcher.submit(r) for r in requests))
-        for request, (result, start, stop) in zip(requests, answers):
+        for request, (result, start, stop) in zip(requests, answers, strict=True):
             assert result[start:stop] == [t.upper() for t in request]
 
     run(main())

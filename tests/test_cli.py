@@ -27,7 +27,10 @@ def lines(path, records):
         ('{"text": "hi", "label": "a"}\n{"text": "oops"\n', ["line 2", "malformed JSON"]),
         ('{"label": "a"}\n', ["line 1", "missing 'text'"]),
         ('{"text": "hello"}\n', ["line 1", "missing 'label'"]),
-        ("".join(f'{{"text": "t{i}", "label": "only"}}\n' for i in range(10)), ["at least 2 labels"]),
+        (
+            "".join(f'{{"text": "t{i}", "label": "only"}}\n' for i in range(10)),
+            ["at least 2 labels"],
+        ),
         (
             "".join(f'{{"text": "t{i}", "label": "big"}}\n' for i in range(10))
             + '{"text": "x1", "label": "rare"}\n{"text": "x2", "label": "rare"}\n',
@@ -40,11 +43,15 @@ def test_train_rejects_bad_data_clearly(tmp_path, content, fragments):
     data.write_text(content)
     proc = run_cli("train", "--data", str(data), "--registry", str(tmp_path / "reg"))
     assert_clean_error(proc, *fragments)
-    assert not (tmp_path / "reg" / "versions").exists() or not any((tmp_path / "reg" / "versions").iterdir())
+    assert not (tmp_path / "reg" / "versions").exists() or not any(
+        (tmp_path / "reg" / "versions").iterdir()
+    )
 
 
 def test_train_missing_file(tmp_path):
-    proc = run_cli("train", "--data", str(tmp_path / "nope.jsonl"), "--registry", str(tmp_path / "reg"))
+    proc = run_cli(
+        "train", "--data", str(tmp_path / "nope.jsonl"), "--registry", str(tmp_path / "reg")
+    )
     assert_clean_error(proc, "nope.jsonl", "no such file")
 
 
@@ -72,7 +79,9 @@ def test_bad_setting_is_reported_by_name(tmp_path):
 @pytest.mark.slow
 def test_train_json_evaluate_models_promote(tmp_path, demo_data_path):
     registry = str(tmp_path / "reg")
-    proc = run_cli("train", "--data", str(demo_data_path), "--registry", registry, "--search", "none", "--json")
+    proc = run_cli(
+        "train", "--data", str(demo_data_path), "--registry", registry, "--search", "none", "--json"
+    )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["version"] == "v1" and summary["promoted"] is True
@@ -81,17 +90,40 @@ def test_train_json_evaluate_models_promote(tmp_path, demo_data_path):
     assert summary["train_seconds"] > 0
     assert "exporting" in proc.stderr  # progress went to stderr, not into the JSON
 
-    proc = run_cli("train", "--data", str(demo_data_path), "--registry", registry, "--search", "none",
-                   "--seed", "1", "--no-promote", "--json")
+    proc = run_cli(
+        "train",
+        "--data",
+        str(demo_data_path),
+        "--registry",
+        registry,
+        "--search",
+        "none",
+        "--seed",
+        "1",
+        "--no-promote",
+        "--json",
+    )
     assert json.loads(proc.stdout)["promoted"] is False
 
     proc = run_cli("models", "--registry", registry, "--json")
     listing = json.loads(proc.stdout)
-    assert listing["current"] == "v1" and [v["version"] for v in listing["versions"]] == ["v1", "v2"]
+    assert listing["current"] == "v1" and [v["version"] for v in listing["versions"]] == [
+        "v1",
+        "v2",
+    ]
     human = run_cli("models", "--registry", registry).stdout
     assert "* v1" in human and "  v2" in human
 
-    proc = run_cli("evaluate", "--data", str(demo_data_path), "--registry", registry, "--version", "v2", "--json")
+    proc = run_cli(
+        "evaluate",
+        "--data",
+        str(demo_data_path),
+        "--registry",
+        registry,
+        "--version",
+        "v2",
+        "--json",
+    )
     report = json.loads(proc.stdout)
     assert report["version"] == "v2" and report["examples"] == 500 and report["accuracy"] > 0.85
 
@@ -112,7 +144,11 @@ def test_exit_codes_separate_usage_errors_from_internal_failures():
     )
 
     assert EXIT_USAGE == 2 and EXIT_INTERNAL == 1
-    for usage in (DatasetError("bad line"), VersionNotFoundError("v9"), ConflictError("no previous")):
+    for usage in (
+        DatasetError("bad line"),
+        VersionNotFoundError("v9"),
+        ConflictError("no previous"),
+    ):
         assert exit_code(usage) == 2, usage
     for internal in (ExportParityError("onnx differs"), RegistryError("unreadable")):
         assert exit_code(internal) == 1, internal

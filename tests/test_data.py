@@ -24,7 +24,10 @@ def write(tmp_path, lines: list[str]):
 
 
 def test_reads_valid_file_and_skips_blank_lines(tmp_path):
-    path = write(tmp_path, [json.dumps({"text": "hi", "label": "a"}), "", json.dumps({"text": "yo", "label": "b"})])
+    path = write(
+        tmp_path,
+        [json.dumps({"text": "hi", "label": "a"}), "", json.dumps({"text": "yo", "label": "b"})],
+    )
     data = read_jsonl(path)
     assert data.texts == ("hi", "yo")
     assert data.labels == ("a", "b")

@@ -14,7 +14,11 @@ from tests.offtopic import offtopic_texts
 @pytest.fixture(scope="module")
 def model(trained_registry):
     version = trained_registry.current()
-    return version, OnnxClassifier(version.path), Reference.load(version.name, version.path, version.labels)
+    return (
+        version,
+        OnnxClassifier(version.path),
+        Reference.load(version.name, version.path, version.labels),
+    )
 
 
 def window_of(classifier: OnnxClassifier, texts: list[str]) -> Window:
@@ -32,14 +36,26 @@ def window_of(classifier: OnnxClassifier, texts: list[str]) -> Window:
 
 def test_reference_holds_held_out_rows_and_all_embeddings(model):
     version, _, reference = model
-    held_out = version.manifest["data"]["validation"]["rows"] + version.manifest["data"]["test"]["rows"]
-    assert len(reference.confidence) == len(reference.predicted) == len(reference.text_length) == held_out
-    assert len(reference.embeddings) == sum(version.manifest["data"][s]["rows"] for s in ("train", "validation", "test"))
+    held_out = (
+        version.manifest["data"]["validation"]["rows"] + version.manifest["data"]["test"]["rows"]
+    )
+    assert (
+        len(reference.confidence)
+        == len(reference.predicted)
+        == len(reference.text_length)
+        == held_out
+    )
+    assert len(reference.embeddings) == sum(
+        version.manifest["data"][s]["rows"] for s in ("train", "validation", "test")
+    )
 
 
 def test_held_out_traffic_does_not_drift(model):
     version, classifier, reference = model
-    texts = list(read_jsonl(version.path / "data" / "test.jsonl").texts + read_jsonl(version.path / "data" / "validation.jsonl").texts)
+    texts = list(
+        read_jsonl(version.path / "data" / "test.jsonl").texts
+        + read_jsonl(version.path / "data" / "validation.jsonl").texts
+    )
     result, snapshot = detect(reference, window_of(classifier, texts), Thresholds())
     assert not result.drift_detected, result.to_dict()["signals"]
     assert set(result.signals) == {"label", "confidence", "embedding", "text_length"}
@@ -63,4 +79,8 @@ def test_a_mixed_window_is_scored_between(model):
     mixed, _ = detect(reference, window_of(classifier, texts + offtopic_texts(40)), Thresholds())
     shifted, _ = detect(reference, window_of(classifier, offtopic_texts(120)), Thresholds())
     for signal in ("label", "embedding"):
-        assert clean.signals[signal].score < mixed.signals[signal].score < shifted.signals[signal].score
+        assert (
+            clean.signals[signal].score
+            < mixed.signals[signal].score
+            < shifted.signals[signal].score
+        )

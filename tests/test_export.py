@@ -8,10 +8,10 @@ from onnx import numpy_helper
 
 import adapters.training.pipeline as training
 from adapters.serving.data import read_jsonl
+from adapters.serving.registry import ModelRegistry
 from adapters.training.encoder import load_encoder, tokenizer_for
 from adapters.training.export import check_parity, export_onnx
 from adapters.training.head import ClassifierHead
-from adapters.serving.registry import ModelRegistry
 from adapters.training.search import SearchOptions
 from refit.errors import ExportParityError
 
@@ -59,7 +59,9 @@ def test_parity_failure_blocks_registration(tmp_path, monkeypatch, demo_data_pat
         real_export(encoder, head, tokenizer, path)
         model = onnx.load(str(path))
         n = head.num_classes
-        target = next(t for t in model.graph.initializer if n in list(t.dims) and 384 in list(t.dims))
+        target = next(
+            t for t in model.graph.initializer if n in list(t.dims) and 384 in list(t.dims)
+        )
         target.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(target) * 3.0, target.name))
         onnx.save(model, str(path))
 

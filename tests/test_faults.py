@@ -12,6 +12,7 @@ What is promised, and checked here:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -46,10 +47,8 @@ def process_tree(pid: int) -> list[int]:
     pids = [pid]
     for parent in pids:
         for task in Path(f"/proc/{parent}/task").glob("*"):
-            try:
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
                 pids += [int(c) for c in (task / "children").read_text().split()]
-            except (FileNotFoundError, ProcessLookupError):
-                pass
     return pids
 
 
@@ -57,10 +56,8 @@ def kill_tree(service: ServiceProcess) -> None:
     """SIGKILL the server and every worker (each worker runs in a session of its own)."""
     assert service.proc is not None
     for pid in process_tree(service.proc.pid):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     service.proc.wait(timeout=10)
 
 

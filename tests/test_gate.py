@@ -67,7 +67,9 @@ def test_a_loss_within_noise_passes_and_a_real_loss_is_rejected():
     lost = set(range(14))
     real = judge(predictions(truth, set(), lost), "v1", ["a", "b"], [], DEFAULT_RULES)
     assert not real["passed"] and not real["promote"]
-    assert "accuracy on the old classes fell" in real["reason"] and "not by chance" in real["reason"]
+    assert (
+        "accuracy on the old classes fell" in real["reason"] and "not by chance" in real["reason"]
+    )
     assert real["old_classes"]["difference"]["ci"][1] < 0
 
 
@@ -86,7 +88,9 @@ def champion(trained_registry):
     return version, splits, embeddings
 
 
-def judge_heads(champion, challenger, labels, holdout_vectors, holdout_labels, force=False, **settings):
+def judge_heads(
+    champion, challenger, labels, holdout_vectors, holdout_labels, force=False, **settings
+):
     """The gate on the champion's test split plus held-out items, as the retrain job runs it."""
     version, splits, embeddings = champion
     truth = list(splits.test.labels) + holdout_labels

@@ -15,7 +15,9 @@ def test_labels_the_model_knows_are_active_whatever_the_feedback():
     assert [s.label for s in statuses] == ["a", "b"]
     assert all(s.status == "active" for s in statuses)
     assert statuses[0] == LabelStatus("a", "active", statuses[0].reason, 40, 1)
-    assert "known to the model" in statuses[0].reason and "40 training examples" in statuses[0].reason
+    assert (
+        "known to the model" in statuses[0].reason and "40 training examples" in statuses[0].reason
+    )
 
 
 def test_a_new_label_is_pending_until_feedback_gives_it_min_examples_times():
@@ -58,7 +60,7 @@ def test_at_most_max_new_labels_are_active_the_rest_wait():
 
     feedback = {"a": 9, "b": 7, "c": 7, "d": 5, "e": 2}
     statuses = {s.label: s for s in label_statuses(["x"], {"x": 10}, feedback, 5, max_new=2)}
-    assert [l for l, s in statuses.items() if s.status == "active"] == ["a", "b", "x"]
+    assert [lab for lab, s in statuses.items() if s.status == "active"] == ["a", "b", "x"]
     assert statuses["c"].status == "pending" and "at most 2 new labels" in statuses["c"].reason
     assert statuses["d"].status == "pending"
     assert statuses["e"].status == "pending" and "only 2" in statuses["e"].reason

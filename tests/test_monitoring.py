@@ -23,8 +23,10 @@ from tests.servers import PrometheusProcess, wait_for
 
 pytestmark = [
     pytest.mark.server,
-    pytest.mark.skipif(shutil.which("prometheus") is None or shutil.which("promtool") is None,
-                       reason="Prometheus not installed (make test-prereqs installs Debian's package)"),
+    pytest.mark.skipif(
+        shutil.which("prometheus") is None or shutil.which("promtool") is None,
+        reason="Prometheus not installed (make test-prereqs installs Debian's package)",
+    ),
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +52,12 @@ def expressions() -> list[str]:
 
     for path in (ROOT / "monitoring" / "grafana" / "dashboards").glob("*.json"):
         dashboard = json.loads(path.read_text())
-        exprs.extend(t["expr"] for p in panels(dashboard["panels"]) for t in p.get("targets", []) if t.get("expr"))
+        exprs.extend(
+            t["expr"]
+            for p in panels(dashboard["panels"])
+            for t in p.get("targets", [])
+            if t.get("expr")
+        )
     return exprs
 
 
@@ -140,7 +147,9 @@ def test_drift_flag_follows_the_traffic(stack):
         assert report.status_code == 200
         assert report.headers["content-type"].startswith("text/html")
         # The report of the latest window: the three tabular signals by column name.
-        assert all(column in report.text for column in ("predicted_label", "confidence", "text_length"))
+        assert all(
+            column in report.text for column in ("predicted_label", "confidence", "text_length")
+        )
         assert len(report.text) > 10_000
 
 
@@ -152,8 +161,10 @@ def test_every_dashboard_and_alert_expression_resolves_in_prometheus(stack):
         predictions = []
         for i in range(0, 64, 8):
             predictions += c.post("/predict", json={"texts": texts[i:i + 8]}).json()["predictions"]
-        items = [{"prediction_id": p["prediction_id"], "label": p["label"] if n % 4 else "talk_to_human"}
-                 for n, p in enumerate(predictions)]
+        items = [
+            {"prediction_id": p["prediction_id"], "label": p["label"] if n % 4 else "talk_to_human"}
+            for n, p in enumerate(predictions)
+        ]
         items.append({"text": "do you ship abroad", "label": "shipping"})
         assert c.post("/feedback", json={"items": items}).status_code == 200
         assert c.post("/predict", json={"texts": []}).status_code == 422
@@ -162,7 +173,9 @@ def test_every_dashboard_and_alert_expression_resolves_in_prometheus(stack):
     time.sleep(8)  # several scrapes, so rate() has points
 
     scraped = httpx.get(service.url + "/metrics").text
-    check = subprocess.run(["promtool", "check", "metrics"], input=scraped, capture_output=True, text=True)
+    check = subprocess.run(
+        ["promtool", "check", "metrics"], input=scraped, capture_output=True, text=True
+    )
     assert check.returncode == 0, check.stdout + check.stderr
 
     problems = []
@@ -187,5 +200,7 @@ def test_every_dashboard_and_alert_expression_resolves_in_prometheus(stack):
     # Spot checks of values the scenario fixed.
     workers = prometheus.query('refit_model_info == 1')["data"]["result"]
     assert {s["metric"]["model_version"] for s in workers} == {"v1"} and len(workers) == 2
-    accuracy = float(prometheus.query("refit_online_accuracy_ratio")["data"]["result"][0]["value"][1])
+    accuracy = float(
+        prometheus.query("refit_online_accuracy_ratio")["data"]["result"][0]["value"][1]
+    )
     assert 0.5 <= accuracy <= 0.85  # a quarter of the feedback said the model was wrong

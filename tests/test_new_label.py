@@ -38,7 +38,9 @@ def read(path: Path) -> list[tuple[str, str]]:
 def hwu64() -> dict[str, list[tuple[str, str]]]:
     folder = SHARED_DATA / "hwu64"
     if not (folder / "train.jsonl").is_file():
-        pytest.skip(f"hwu64 not found at {folder} (only the team's machines have the real data sets)")
+        pytest.skip(
+            f"hwu64 not found at {folder} (only the team's machines have the real data sets)"
+        )
     train, test = read(folder / "train.jsonl"), read(folder / "test.jsonl")
     new = [row for row in train if row[1] == NEW]
     random.Random(0).shuffle(new)
@@ -58,7 +60,7 @@ def server(hwu64, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("new-label")
     registry = ModelRegistry(root / "registry")
-    texts, labels = zip(*hwu64["old_train"])
+    texts, labels = zip(*hwu64["old_train"], strict=True)
     train_version(
         registry, LabelledTexts.of(texts, labels),
         options=TrainingOptions(search=SearchOptions(strategy="none")), source="hwu64 subset",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
-
 from schemathesis.specs.openapi.checks import ignored_auth
 
 from tests.servers import ServiceProcess

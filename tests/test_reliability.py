@@ -53,7 +53,9 @@ def sqlite_server(trained_registry, tmp_path_factory):
 
 
 def feedback_by_id(client: httpx.Client, prediction_id: str, label: str = "order_status"):
-    return client.post("/feedback", json={"items": [{"prediction_id": prediction_id, "label": label}]})
+    return client.post(
+        "/feedback", json={"items": [{"prediction_id": prediction_id, "label": label}]}
+    )
 
 
 def stored_texts(database_url: str, ids: list[str]) -> dict[str, str]:
@@ -88,7 +90,9 @@ def test_forged_prediction_ids_never_wedge_a_worker(sqlite_server):
     assert time.monotonic() - started < 15
     with sqlite_server.client(timeout=10) as client:
         for _ in range(6):  # reaches both workers
-            assert client.post("/predict", json={"texts": ["where is my parcel"]}).status_code == 200
+            assert (
+                client.post("/predict", json={"texts": ["where is my parcel"]}).status_code == 200
+            )
             assert client.get("/models").status_code == 200
 
 

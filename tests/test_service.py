@@ -1,4 +1,7 @@
-"""The serving API end to end: a real `bentoml serve` subprocess, 2 workers, SQLite and PostgreSQL."""
+"""The serving API end to end.
+
+A real `bentoml serve` subprocess, 2 workers, SQLite and PostgreSQL.
+"""
 
 from __future__ import annotations
 
@@ -51,7 +54,7 @@ def test_predict_single_and_batch_in_order(client, trained_registry):
     batch = client.post("/predict", json={"texts": texts}).json()["predictions"]
     assert len(batch) == len(texts)
     assert len({p["prediction_id"] for p in batch}) == len(texts)
-    for sentence, prediction in zip(texts, batch):
+    for sentence, prediction in zip(texts, batch, strict=True):
         alone = client.post("/predict", json={"texts": [sentence]}).json()["predictions"][0]
         assert alone["label"] == prediction["label"]
         assert alone["confidence"] == pytest.approx(prediction["confidence"], abs=1e-5)
@@ -70,7 +73,12 @@ def test_predict_single_and_batch_in_order(client, trained_registry):
         ({"texts": ["a"] * 17}, None, 422, "texts"),
         (b'{"texts": ["unterminated', {"content-type": "application/json"}, 400, "body"),
         (b'{"texts": ["hi"]}', {"content-type": "text/plain"}, 415, "content-type"),
-        (json.dumps({"texts": ["y" * 400] * 200}).encode(), {"content-type": "application/json"}, 413, None),
+        (
+            json.dumps({"texts": ["y" * 400] * 200}).encode(),
+            {"content-type": "application/json"},
+            413,
+            None,
+        ),
     ],
 )
 def test_bad_predict_requests_get_clear_4xx(client, body, headers, status, field):
@@ -94,7 +102,9 @@ def test_wrong_method_is_a_json_405(client):
 
 
 def test_feedback_by_id_and_by_text(client):
-    prediction = client.post("/predict", json={"texts": ["my refund never came through"]}).json()["predictions"][0]
+    prediction = client.post("/predict", json={"texts": ["my refund never came through"]}).json()[
+        "predictions"
+    ][0]
     response = client.post(
         "/feedback",
         json={"items": [
@@ -110,7 +120,11 @@ def test_feedback_by_id_and_by_text(client):
 @pytest.mark.parametrize(
     ("items", "status", "field"),
     [
-        ([{"prediction_id": "0000000000000000000000000000", "label": "x"}], 404, "items[0].prediction_id"),
+        (
+            [{"prediction_id": "0000000000000000000000000000", "label": "x"}],
+            404,
+            "items[0].prediction_id",
+        ),
         ([{"text": "hello", "label": ""}], 422, "items[0].label"),
         ([{"text": "hello", "label": "   "}], 422, "items[0]"),
         ([{"text": "z" * 501, "label": "x"}], 422, "items[0].text"),
@@ -128,7 +142,9 @@ def test_bad_feedback_names_the_field(client, items, status, field):
 
 
 def test_feedback_is_all_or_nothing(client, server, database_url):
-    good = client.post("/predict", json={"texts": ["cancel it"]}).json()["predictions"][0]["prediction_id"]
+    good = client.post("/predict", json={"texts": ["cancel it"]}).json()["predictions"][0][
+        "prediction_id"
+    ]
     engine = create_engine(database_url)
     with engine.connect() as conn:
         before = conn.execute(text("select count(*) from feedback")).scalar_one()
@@ -158,24 +174,42 @@ def test_probes(client):
 
 def test_predictions_and_feedback_survive_a_restart(server, database_url):
     with server.client() as c:
-        ids = [p["prediction_id"] for p in c.post("/predict", json={"texts": ["restart test one", "restart test two"]}).json()["predictions"]]
-        fb = c.post("/feedback", json={"items": [{"prediction_id": ids[0], "label": "order_status"}]}).json()
+        ids = [
+            p["prediction_id"]
+            for p in c.post(
+                "/predict", json={"texts": ["restart test one", "restart test two"]}
+            ).json()["predictions"]
+        ]
+        fb = c.post(
+            "/feedback", json={"items": [{"prediction_id": ids[0], "label": "order_status"}]}
+        ).json()
     assert server.stop(signal.SIGTERM) is not None
     server.start()
     engine = create_engine(database_url)
     with engine.connect() as conn:
-        stored = {row[0] for row in conn.execute(text("select id from predictions where id in (:a, :b)"), {"a": ids[0], "b": ids[1]})}
-        labels = conn.execute(text("select label from feedback where id = :i"), {"i": fb["feedback_ids"][0]}).scalar_one()
+        stored = {
+            row[0]
+            for row in conn.execute(
+                text("select id from predictions where id in (:a, :b)"), {"a": ids[0], "b": ids[1]}
+            )
+        }
+        labels = conn.execute(
+            text("select label from feedback where id = :i"), {"i": fb["feedback_ids"][0]}
+        ).scalar_one()
     engine.dispose()
     assert stored == set(ids)
     assert labels == "order_status"
     with server.client() as c:
         # Feedback on a prediction made before the restart still resolves.
-        again = c.post("/feedback", json={"items": [{"prediction_id": ids[1], "label": "order_status"}]})
+        again = c.post(
+            "/feedback", json={"items": [{"prediction_id": ids[1], "label": "order_status"}]}
+        )
         assert again.status_code == 200
 
 
-@pytest.mark.parametrize("path", ["/nope", "/predict/extra", "/docs.json", "/static_content/index.css"])
+@pytest.mark.parametrize(
+    "path", ["/nope", "/predict/extra", "/docs.json", "/static_content/index.css"]
+)
 def test_unknown_paths_get_a_json_404(client, path):
     response = client.get(path)
     assert response.status_code == 404, response.text

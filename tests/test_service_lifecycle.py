@@ -19,7 +19,9 @@ pytestmark = pytest.mark.server
 def test_not_ready_without_a_model_then_ready_once_promoted(tmp_path, trained_registry):
 
     empty = ModelRegistry(tmp_path / "registry")
-    service = ServiceProcess(registry=empty.root, data_dir=tmp_path / "var", workers=1).start(wait_ready=False)
+    service = ServiceProcess(registry=empty.root, data_dir=tmp_path / "var", workers=1).start(
+        wait_ready=False
+    )
     try:
         with service.client() as c:
             assert c.get("/readyz").status_code == 503
@@ -57,7 +59,9 @@ def test_a_clean_shutdown_writes_every_accepted_prediction(tmp_path, trained_reg
     try:
         with service.client() as c:
             for i in range(5):
-                body = c.post("/predict", json={"texts": [f"shutdown test {i}", "where is my order"]}).json()
+                body = c.post(
+                    "/predict", json={"texts": [f"shutdown test {i}", "where is my order"]}
+                ).json()
                 ids += [p["prediction_id"] for p in body["predictions"]]
         engine = create_engine(f"sqlite:///{db}")
         with engine.connect() as conn:
@@ -78,7 +82,8 @@ def test_serving_code_never_imports_torch_or_transformers(tmp_path, trained_regi
         "import service.app\n"
         "from adapters.serving.runtime import OnnxClassifier\n"
         f"OnnxClassifier({str(trained_registry.current().path)!r}).predict(['where is my order'])\n"
-        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'sklearn'}))\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules}\n"
+        "             & {'torch', 'transformers', 'sklearn'}))\n"
     )
     env = {"REFIT_REGISTRY_PATH": str(trained_registry.root), "REFIT_DATA_DIR": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

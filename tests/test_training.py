@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from adapters.serving.data import read_jsonl
-from adapters.training.head import HeadConfig
 from adapters.serving.registry import ModelRegistry
 from adapters.serving.runtime import OnnxClassifier
-from adapters.training.search import SearchOptions, trial_params, candidate_configs, search_head
+from adapters.training.head import HeadConfig
 from adapters.training.pipeline import TrainingOptions, train_version
+from adapters.training.search import SearchOptions, candidate_configs, search_head, trial_params
 
 
 def test_trained_version_beats_majority_baseline_widely(trained_registry, demo_data_path):
@@ -44,8 +44,16 @@ def test_manifest_records_everything_needed_to_reproduce(trained_registry, demo_
     per_class = m["metrics"]["test"]["per_class"]
     assert set(per_class) == set(m["labels"])
     matrix = np.array(m["metrics"]["test"]["confusion_matrix"])
-    assert matrix.shape == (len(m["labels"]),) * 2 and matrix.sum() == m["metrics"]["test"]["examples"]
-    for name in ("model.onnx", "tokenizer.json", "labels.json", "reference.npz", "data/embeddings.npz"):
+    assert (
+        matrix.shape == (len(m["labels"]),) * 2 and matrix.sum() == m["metrics"]["test"]["examples"]
+    )
+    for name in (
+        "model.onnx",
+        "tokenizer.json",
+        "labels.json",
+        "reference.npz",
+        "data/embeddings.npz",
+    ):
         assert (version.path / name).is_file(), name
     assert json.loads((version.path / "labels.json").read_text()) == m["labels"]
 
@@ -56,7 +64,9 @@ def test_onnx_runtime_reproduces_recorded_test_metrics(trained_registry):
     test = read_jsonl(version.path / "data" / "test.jsonl")
     classifier = OnnxClassifier(version.path)
     predicted = classifier.predict(test.texts).probabilities.argmax(axis=1)
-    accuracy = float(np.mean([classifier.labels[p] == t for p, t in zip(predicted, test.labels)]))
+    accuracy = float(
+        np.mean([classifier.labels[p] == t for p, t in zip(predicted, test.labels, strict=True)])
+    )
     assert accuracy == pytest.approx(version.manifest["metrics"]["test"]["accuracy"], abs=1e-9)
 
 
@@ -70,9 +80,14 @@ def test_same_data_and_seed_give_same_metrics(tmp_path, demo_data_path):
     first, second = (r.version.manifest for r in runs)
     assert first["metrics"] == second["metrics"]
     assert first["data"] == second["data"]
-    assert first["training"]["head_training"]["best_epoch"] == second["training"]["head_training"]["best_epoch"]
+    assert (
+        first["training"]["head_training"]["best_epoch"]
+        == second["training"]["head_training"]["best_epoch"]
+    )
     other = train_version(
-        ModelRegistry(tmp_path / "r3"), data, options=TrainingOptions(seed=4, search=SearchOptions(strategy="none")),
+        ModelRegistry(tmp_path / "r3"),
+        data,
+        options=TrainingOptions(seed=4, search=SearchOptions(strategy="none")),
         promote=False,
     )
     assert other.version.manifest["data"]["test"]["sha256"] != first["data"]["test"]["sha256"]
@@ -84,7 +99,9 @@ def test_search_records_every_trial_and_uses_kfold_on_small_data():
     y = np.repeat(np.arange(3), 30)
     x = (centers[y] + rng.normal(scale=0.8, size=(90, 16))).astype(np.float32)
     base = HeadConfig(max_epochs=30)
-    small = search_head(x[:70], y[:70], x[70:], y[70:], 3, base, SearchOptions("grid", kfold_below=1000), 0)
+    small = search_head(
+        x[:70], y[:70], x[70:], y[70:], 3, base, SearchOptions("grid", kfold_below=1000), 0
+    )
     assert len(small.trials) == len(candidate_configs(base, SearchOptions("grid"), 0))
     assert "5-fold" in small.scoring
     assert all(len(t["fold_scores"]) == 5 for t in small.trials)
@@ -93,9 +110,23 @@ def test_search_records_every_trial_and_uses_kfold_on_small_data():
     plain = [t for t in small.trials
              if t["params"]["hidden_size"] == 0 and t["params"]["class_weight_power"] == 0]
     assert len(chosen) == 1
-    assert chosen[0]["score"] in (max(t["score"] for t in small.trials), max(t["score"] for t in plain))
-    big = search_head(x[:70], y[:70], x[70:], y[70:], 3, base, SearchOptions("random", random_trials=4, kfold_below=10), 0)
-    assert big.scoring.startswith("validation mean of accuracy and macro-F1") and len(big.trials) == 4
+    assert chosen[0]["score"] in (
+        max(t["score"] for t in small.trials),
+        max(t["score"] for t in plain),
+    )
+    big = search_head(
+        x[:70],
+        y[:70],
+        x[70:],
+        y[70:],
+        3,
+        base,
+        SearchOptions("random", random_trials=4, kfold_below=10),
+        0,
+    )
+    assert (
+        big.scoring.startswith("validation mean of accuracy and macro-F1") and len(big.trials) == 4
+    )
 
 
 @pytest.mark.slow
@@ -124,7 +155,9 @@ def test_gradual_unfreezing_exports_a_fine_tuned_encoder(tmp_path, demo_data_pat
     record = m["training"]["unfreeze"]
     assert [r["trainable_layers"] for r in record["history"]] == [[5], [5], [4, 5], [4, 5]]
     assert record["kept"] is True, record
-    assert record["best_val_macro_f1"] == pytest.approx(max(r["val_macro_f1"] for r in record["history"]), abs=1e-6)
+    assert record["best_val_macro_f1"] == pytest.approx(
+        max(r["val_macro_f1"] for r in record["history"]), abs=1e-6
+    )
     assert m["encoder"]["fine_tuned_layers"] == 2
     assert (result.version.path / "encoder" / "model.safetensors").is_file()
     assert m["encoder"]["id"] != m["encoder"]["sha256"]

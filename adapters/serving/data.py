@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -52,7 +52,7 @@ class LabelledTexts:
     def fingerprint(self) -> str:
         """sha256 over the (text, label) pairs in order: equal data gives an equal fingerprint."""
         digest = hashlib.sha256()
-        for text, label in zip(self.texts, self.labels):
+        for text, label in zip(self.texts, self.labels, strict=True):
             digest.update(json.dumps([text, label], ensure_ascii=False).encode())
             digest.update(b"\n")
         return digest.hexdigest()
@@ -60,7 +60,7 @@ class LabelledTexts:
     def to_jsonl(self) -> str:
         return "".join(
             json.dumps({"text": t, "label": lab}, ensure_ascii=False) + "\n"
-            for t, lab in zip(self.texts, self.labels)
+            for t, lab in zip(self.texts, self.labels, strict=True)
         )
 
     def __add__(self, other: LabelledTexts) -> LabelledTexts:

@@ -211,8 +211,12 @@ class FeedbackMemory:
             s = self._snapshot
             names = s.label_names
             keep = np.array(
-                [labels_by_id.get(fid) != names[code]
-                 for fid, code in zip(s.ids[: s.count].tolist(), s.codes[: s.count].tolist())],
+                [
+                    labels_by_id.get(fid) != names[code]
+                    for fid, code in zip(
+                        s.ids[: s.count].tolist(), s.codes[: s.count].tolist(), strict=True
+                    )
+                ],
                 dtype=bool,
             )
             removed = int(s.count - keep.sum())
@@ -243,7 +247,10 @@ class FeedbackMemory:
             self._snapshot = self._compacted(np.zeros(self._snapshot.count, dtype=bool))
 
     def _compacted(self, keep: np.ndarray) -> _Snapshot:
-        """A fresh snapshot of the kept rows (new buffers: readers of the old one are unaffected)."""
+        """A fresh snapshot of the kept rows.
+
+        New buffers: readers of the old snapshot are unaffected.
+        """
         s = self._snapshot
         rows = np.flatnonzero(keep)
         return _Snapshot(
@@ -274,8 +281,12 @@ class FeedbackMemory:
             codes = codes.copy()
             live = s.codes[: s.count]
             for i in np.flatnonzero(answered):
-                codes[i] = _weighted_vote(similarity[i], live, entry_thresholds[live], self.neighbours)
-        labels = [s.label_names[c] if a else None for c, a in zip(codes.tolist(), answered)]
+                codes[i] = _weighted_vote(
+                    similarity[i], live, entry_thresholds[live], self.neighbours
+                )
+        labels = [
+            s.label_names[c] if a else None for c, a in zip(codes.tolist(), answered, strict=True)
+        ]
         return MemoryMatches(labels, best, feedback_ids)
 
     def _thresholds(self, s: _Snapshot) -> np.ndarray:
@@ -308,7 +319,7 @@ def prune_to_mistakes(memory: FeedbackMemory, ids: Sequence[int], predicted: Seq
     ``predicted[i]`` is the new head's label for the entry with feedback id ``ids[i]``. Entries
     it did not predict (added since) are kept: the new head never saw them.
     """
-    return memory.remove_matching(dict(zip((int(i) for i in ids), predicted)))
+    return memory.remove_matching(dict(zip((int(i) for i in ids), predicted, strict=False)))
 
 
 # -- threshold calibration ------------------------------------------------------------------------
@@ -404,7 +415,7 @@ def calibrate_threshold(
     allowed = known_change >= -max_known_loss * max(1, int(item_known.sum()))
     total = np.where(allowed, total, np.iinfo(np.int64).min)
     # Candidates run from the ceiling down, so the first maximum has the highest thresholds.
-    i, j = np.unravel_index(int(np.argmax(total)), total.shape)
+    i, j = (int(v) for v in np.unravel_index(int(np.argmax(total)), total.shape))
     if total[i, j] <= 0:
         i, j = 0, 0
     t_known, t_new = float(t1[i]), float(t2[j])
@@ -447,7 +458,7 @@ def rebuilt_memory(
     return memory, calibration
 
 
-# -- keeping every worker in step with the store ----------------------------------------------------
+# -- keeping every worker in step with the store ------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -522,11 +533,13 @@ class FeedbackFollower:
         kept = [c for c in latest.values() if c.label is not None]
         missing = [c for c in kept if c.embedding is None]
         vectors: dict[int, np.ndarray] = {
-            c.feedback_id: np.asarray(c.embedding, np.float32) for c in kept if c.embedding is not None
+            c.feedback_id: np.asarray(c.embedding, np.float32)
+            for c in kept
+            if c.embedding is not None
         }
         if missing:
             computed = self.embed([c.text for c in missing])
-            for change, vector in zip(missing, computed):
+            for change, vector in zip(missing, computed, strict=True):
                 vectors[change.feedback_id] = vector
         if deleted:
             self.memory.remove(deleted)

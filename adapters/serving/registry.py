@@ -144,7 +144,9 @@ class ModelRegistry:
         except FileNotFoundError:
             return None
         except (json.JSONDecodeError, OSError) as exc:  # pragma: no cover - atomic writes
-            raise RegistryError(f"the registry pointer {POINTER} is unreadable ({type(exc).__name__})") from exc
+            raise RegistryError(
+                f"the registry pointer {POINTER} is unreadable ({type(exc).__name__})"
+            ) from exc
         return Pointer(raw["version"], raw.get("previous"), raw.get("promoted_at", ""))
 
     def current(self) -> ModelVersion | None:

@@ -6,6 +6,7 @@ what the service computes.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import json
@@ -38,10 +39,8 @@ def release_freed_memory() -> None:
     frees anything only a reference cycle held, then ``malloc_trim`` releases the free pages.
     """
     gc.collect()
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -72,7 +73,9 @@ class SentenceEncoder(nn.Module):
 
     def __init__(self, bert: nn.Module) -> None:
         super().__init__()
-        self.bert = bert
+        # A transformers BertModel: its sub-modules (embeddings, encoder.layer) are reached by
+        # attribute, which nn.Module's typing cannot follow.
+        self.bert: Any = bert
 
     @property
     def layers(self) -> nn.ModuleList:

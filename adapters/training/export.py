@@ -12,16 +12,16 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from adapters.serving.tokenization import TextTokenizer
 from adapters.training.encoder import SentenceEncoder
 from adapters.training.head import ClassifierHead
-from adapters.serving.tokenization import TextTokenizer
 from refit.errors import ExportParityError
 
 OPSET = 17
@@ -154,13 +154,17 @@ def compose_with_encoder(encoder_onnx: Path, head: ClassifierHead, path: Path) -
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            _HeadGraph(head).eval(), (torch.zeros(2, head.center.shape[0]),), buffer,
+            _HeadGraph(head).eval(),
+            (torch.zeros(2, head.center.shape[0]),),
+            buffer,  # type: ignore[arg-type]  # stubs omit the file objects the exporter accepts
             input_names=["embedding"], output_names=["probabilities"],
             dynamic_axes={"embedding": {0: "batch"}, "probabilities": {0: "batch"}},
             opset_version=OPSET, do_constant_folding=True, dynamo=False,
         )
     head_model = compose.add_prefix(onnx.load_from_string(buffer.getvalue()), "head/")
-    encoder = utils.Extractor(onnx.load(str(encoder_onnx))).extract_model(list(INPUT_NAMES), ["embedding"])
+    encoder = utils.Extractor(onnx.load(str(encoder_onnx))).extract_model(
+        list(INPUT_NAMES), ["embedding"]
+    )
     head_model.ir_version = encoder.ir_version
     merged = compose.merge_models(
         encoder, head_model, io_map=[("embedding", "head/embedding")],
@@ -180,7 +184,7 @@ def check_head_parity(
     path: Path,
     texts: Sequence[str] = (),
     tolerance: float = PARITY_TOLERANCE,
-) -> dict[str, float]:
+) -> dict[str, float | str]:
     """Parity of a composed graph: its probabilities against the PyTorch head applied to the
     embeddings its (reused, already verified) encoder part computes."""
     batch, _, _, got_p, got_e = _run_parity_batch(path, tokenizer, texts)

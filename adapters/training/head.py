@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import InitVar, asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -81,6 +81,10 @@ class HeadConfig:
 
 
 class ClassifierHead(nn.Module):
+    # Buffers registered in __init__, declared here so the type checker knows them as tensors.
+    center: torch.Tensor
+    scale: torch.Tensor
+
     def __init__(self, input_dim: int, num_classes: int, hidden_size: int, dropout: float):
         super().__init__()
         self.register_buffer("center", torch.zeros(input_dim))
@@ -110,7 +114,7 @@ class ClassifierHead(nn.Module):
 
     @property
     def num_classes(self) -> int:
-        return int(self.net[-1].out_features)
+        return int(cast(nn.Linear, self.net[-1]).out_features)
 
 
 @dataclass
@@ -215,8 +219,9 @@ def train_head(
     head = ClassifierHead(x_train.shape[1], num_classes, config.hidden_size, config.dropout)
     if config.is_linear:
         with torch.no_grad():
-            head.net[-1].weight.zero_()
-            head.net[-1].bias.zero_()
+            output = cast(nn.Linear, head.net[-1])
+            output.weight.zero_()
+            output.bias.zero_()
     if warm_start is None:
         head.fit_standardisation(x_train, rescale=not config.is_linear)
     else:
@@ -278,7 +283,7 @@ def _fit_linear(
 ) -> TrainedHead:
     """Minimise ``(1/n) Σ w_i CE_i + ‖W‖² / (2 C n)`` (the same minimiser as ``C Σ w_i CE_i +
     ½‖W‖²``) by full-batch L-BFGS with a strong-Wolfe line search."""
-    linear = head.net[-1]
+    linear = cast(nn.Linear, head.net[-1])
     with torch.no_grad():
         x = (xt - head.center) / head.scale
     w_example = weight[yt]
@@ -312,7 +317,9 @@ def _fit_linear(
             linear.weight.copy_(coef)
             linear.bias.copy_(bias)
         history.append(validate(block, loss))
-        gradient = max(float(coef.grad.abs().max()), float(bias.grad.abs().max()))
+        # After a step both have a gradient: the objective back-propagates into them.
+        coef_grad, bias_grad = cast(torch.Tensor, coef.grad), cast(torch.Tensor, bias.grad)
+        gradient = max(float(coef_grad.abs().max()), float(bias_grad.abs().max()))
         if ran < LBFGS_BLOCK or gradient <= LBFGS_TOLERANCE:
             converged = gradient <= LBFGS_TOLERANCE or ran < LBFGS_BLOCK
             break
@@ -384,7 +391,10 @@ def _fit_mlp(
 
 @torch.no_grad()
 def copy_weights(source: ClassifierHead, target: ClassifierHead, class_map: list[int]) -> None:
-    """Copy ``source`` into ``target``; output class ``i`` of ``source`` becomes ``class_map[i]``."""
+    """Copy ``source`` into ``target``.
+
+    Output class ``i`` of ``source`` becomes output class ``class_map[i]`` of ``target``.
+    """
     source_state = source.state_dict()
     target_state = target.state_dict()
     last = f"net.{len(target.net) - 1}"

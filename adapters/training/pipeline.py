@@ -20,6 +20,7 @@ import os
 import platform
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -120,7 +121,9 @@ class EmbeddedSplits:
     def y(self, name: str) -> np.ndarray:
         """Class indices of split ``name``."""
         index = {label: i for i, label in enumerate(self.labels)}
-        return np.array([index[label] for label in getattr(self.splits, name).labels], dtype=np.int64)
+        return np.array(
+            [index[label] for label in getattr(self.splits, name).labels], dtype=np.int64
+        )
 
 
 @dataclass(frozen=True)
@@ -293,7 +296,9 @@ def train_version(
             data_source=source,
             training={
                 "splits": {
-                    "test": "given" if test is not None else f"stratified {options.test_fraction:.0%}",
+                    "test": "given"
+                    if test is not None
+                    else f"stratified {options.test_fraction:.0%}",
                     "validation": f"stratified {options.validation_fraction:.0%}",
                 },
             },
@@ -322,7 +327,9 @@ def embed_splits(splits: Splits, source: EncoderSource, reporter: Reporter) -> E
         reporter.event("embedded", done=done + n, total=total)
 
     for name, part in splits.items():
-        embeddings[name] = embed_texts(source.encoder, source.tokenizer, part.texts, progress=progress)
+        embeddings[name] = embed_texts(
+            source.encoder, source.tokenizer, part.texts, progress=progress
+        )
         done += len(part)
     return EmbeddedSplits(splits.train.label_set(), splits, embeddings)
 
@@ -468,6 +475,7 @@ def register_version(
     with registry.stage() as staged:
         reporter.phase("exporting", "ONNX")
         onnx_path = staged.path / "model.onnx"
+        parity: Mapping[str, float | str]
         if source.onnx_from is not None:
             compose_with_encoder(source.onnx_from, head, onnx_path)
             parity = check_head_parity(head, tokenizer, onnx_path, splits.test.texts)

@@ -29,6 +29,7 @@ The job is a short sequence of steps (:func:`run_job`):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import hashlib
 import logging
@@ -266,7 +267,9 @@ def split_data(
     replay = np.sort(rng.choice(len(champion_splits.train), replay_n, replace=False))
 
     def texts_of(positions: np.ndarray) -> LabelledTexts:
-        return LabelledTexts.of([items[p].text for p in positions], [labels_of[p] for p in positions])
+        return LabelledTexts.of(
+            [items[p].text for p in positions], [labels_of[p] for p in positions]
+        )
 
     splits = Splits(
         champion_splits.train.subset(replay) + texts_of(fb_fit),
@@ -287,7 +290,9 @@ def split_data(
     )
 
 
-def retrain_recipe(champion: ModelVersion, labels: list[str], options: RetrainOptions) -> HeadRecipe:
+def retrain_recipe(
+    champion: ModelVersion, labels: list[str], options: RetrainOptions
+) -> HeadRecipe:
     """The champion's own recipe (its chosen head configuration), warm-started from its head."""
     config = HeadConfig(**champion.manifest["training"]["head"])
     warm_start = None
@@ -454,10 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s retrain %(levelname)s %(message)s")
     # Serving comes first: training yields the CPU to the workers.
-    try:
+    with contextlib.suppress(OSError):
         os.nice(10)
-    except OSError:
-        pass
     import torch
 
     # Niced, the job yields the CPU to serving workers whenever they need it.

@@ -136,8 +136,8 @@ def search_head(
     configs = candidate_configs(base, options, seed)
     if len(configs) == 1:
         # Nothing to choose between: the final training reports the validation score.
-        trial = {"trial": 1, "params": trial_params(configs[0]), "score": None}
-        return SearchResult(configs[0], "none (one configuration)", [trial],
+        only_trial = {"trial": 1, "params": trial_params(configs[0]), "score": None}
+        return SearchResult(configs[0], "none (one configuration)", [only_trial],
                             time.perf_counter() - started)
     pooled_x = np.concatenate([x_train, x_val])
     pooled_y = np.concatenate([y_train, y_val])
@@ -175,9 +175,14 @@ def search_head(
             if config.is_linear:
                 previous[key] = (config.c, trained.head)
             results.append(trained)
-        predictions.append(np.concatenate([
-            head_probabilities(r.head, part[2]).argmax(axis=1) for r, part in zip(results, parts)
-        ]))
+        predictions.append(
+            np.concatenate(
+                [
+                    head_probabilities(r.head, part[2]).argmax(axis=1)
+                    for r, part in zip(results, parts, strict=True)
+                ]
+            )
+        )
         accuracy = float(np.mean([r.val_accuracy for r in results]))
         f1 = float(np.mean([r.val_macro_f1 for r in results]))
         loss = float(np.mean([r.val_loss for r in results]))

@@ -19,17 +19,18 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from adapters.training.encoder import EMBEDDING_DIM, SentenceEncoder
 from adapters.serving.evaluation import macro_f1
-from adapters.training.head import ClassifierHead, HeadConfig, class_weights, seed_everything
 from adapters.serving.tokenization import TextTokenizer, length_sorted_chunks
+from adapters.training.encoder import EMBEDDING_DIM, SentenceEncoder
+from adapters.training.head import ClassifierHead, HeadConfig, class_weights, seed_everything
 
 
 @dataclass(frozen=True)
@@ -167,8 +168,10 @@ def gradual_unfreeze(
     k = max(1, min(config.layers, total_layers))
     start = total_layers - k
     generator = seed_everything(seed)
-    hidden = head_config.hidden_size if config.head_hidden_size is None else config.head_hidden_size
-    head = ClassifierHead(EMBEDDING_DIM, num_classes, hidden, head_config.dropout)
+    hidden_size = (
+        head_config.hidden_size if config.head_hidden_size is None else config.head_hidden_size
+    )
+    head = ClassifierHead(EMBEDDING_DIM, num_classes, hidden_size, head_config.dropout)
     for parameter in encoder.parameters():
         parameter.requires_grad_(False)
     original = copy.deepcopy(encoder.state_dict())
@@ -181,18 +184,24 @@ def gradual_unfreeze(
 
     # One parameter group per layer, created up front; a layer joins training when its stage
     # begins (until then it has no gradient, so AdamW leaves it alone).
-    groups: list[dict[str, Any]] = [{"params": list(head.parameters()), "lr": config.head_learning_rate}]
+    groups: list[dict[str, Any]] = [
+        {"params": list(head.parameters()), "lr": config.head_learning_rate}
+    ]
     for layer_index in range(start, total_layers):
         depth = total_layers - 1 - layer_index
         groups.append({"params": list(encoder.layers[layer_index].parameters()),
                        "lr": config.encoder_learning_rate * config.layer_decay**depth})
     optimiser = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
-    steps_per_epoch = len(_batches(train_cache, config.batch_size, torch.Generator().manual_seed(0)))
+    steps_per_epoch = len(
+        _batches(train_cache, config.batch_size, torch.Generator().manual_seed(0))
+    )
     total_steps = max(1, steps_per_epoch * config.epochs_per_stage * k)
     warmup = max(1, int(total_steps * config.warmup_fraction))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimiser,
-        lambda step: min((step + 1) / warmup, max(0.0, (total_steps - step) / (total_steps - warmup))),
+        lambda step: min(
+            (step + 1) / warmup, max(0.0, (total_steps - step) / (total_steps - warmup))
+        ),
     )
 
     best_f1 = baseline_val_macro_f1
