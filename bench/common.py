@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -11,6 +10,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.servers import process_tree as tree_pids
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
@@ -26,15 +27,6 @@ def require_shared() -> Path:
 
 def read_texts(path: Path) -> list[str]:
     return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
-
-
-def tree_pids(root: int) -> list[int]:
-    pids = [root]
-    for pid in pids:
-        for task in Path(f"/proc/{pid}/task").glob("*"):
-            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-                pids += [int(c) for c in (task / "children").read_text().split()]
-    return pids
 
 
 def cpu_seconds(root: int) -> float:

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import ROOT, save  # noqa: E402
 from refit.store import Store  # noqa: E402
 from tests.servers import PrivatePostgres, ServiceProcess  # noqa: E402
-from tests.test_faults import FLUSH_WINDOW_S, Load, kill_tree  # noqa: E402
+from tests.test_faults import FLUSH_WINDOW_S, Load  # noqa: E402
 
 
 def kills(registry: Path, url: str, work: Path, count: int) -> dict:
@@ -36,7 +36,7 @@ def kills(registry: Path, url: str, work: Path, count: int) -> dict:
         with Load(service.url) as load:
             time.sleep(3 + i % 3)
             killed_at = time.time()
-            kill_tree(service)
+            service.kill()
         stored_fb = {row.id for row in store.all_feedback()} - before
         acked = set(load.feedback_ids)
         acked_feedback += len(acked)

@@ -24,6 +24,16 @@ ROOT = Path(__file__).resolve().parent.parent
 BENTOML = Path(sys.executable).parent / "bentoml"
 
 
+def process_tree(root: int) -> list[int]:
+    """``root`` and all its descendants, parents before children (from /proc)."""
+    pids = [root]
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                pids += [int(c) for c in (task / "children").read_text().split()]
+    return pids
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -97,6 +107,15 @@ class ServiceProcess:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             return self.proc.wait(timeout=10)
+
+    def kill(self) -> None:
+        """SIGKILL the server and every worker (each worker runs in a session of its own, so
+        signalling the server's process group would leave them serving)."""
+        assert self.proc is not None
+        for pid in process_tree(self.proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
 
     def client(self, **kwargs) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 60), **kwargs)

@@ -12,10 +12,8 @@ What is promised, and checked here:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -41,24 +39,6 @@ def private_postgres():
         pytest.skip("PostgreSQL 15 binaries not found in /usr/lib/postgresql/15/bin")
     yield pg
     pg.remove()
-
-
-def process_tree(pid: int) -> list[int]:
-    pids = [pid]
-    for parent in pids:
-        for task in Path(f"/proc/{parent}/task").glob("*"):
-            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-                pids += [int(c) for c in (task / "children").read_text().split()]
-    return pids
-
-
-def kill_tree(service: ServiceProcess) -> None:
-    """SIGKILL the server and every worker (each worker runs in a session of its own)."""
-    assert service.proc is not None
-    for pid in process_tree(service.proc.pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    service.proc.wait(timeout=10)
 
 
 class Load:
@@ -123,7 +103,7 @@ def test_sigkill_under_load_loses_no_acknowledged_feedback(
     with Load(service.url) as load:
         time.sleep(4)
         killed_at = time.time()
-        kill_tree(service)
+        service.kill()
     acknowledged = set(load.feedback_ids)
     assert len(acknowledged) > 20 and len(load.predictions) > 20, "too little load to judge"
     stored_feedback = {row.id for row in store.all_feedback()} - before_feedback
