@@ -95,6 +95,7 @@ def _registry(args: argparse.Namespace) -> Any:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from adapters.serving.data import read_jsonl
+    from adapters.serving.variants import Int8Gate
     from adapters.training.pipeline import TrainingOptions, train_version
     from adapters.training.search import SearchOptions
     from adapters.training.unfreeze import UnfreezeConfig
@@ -106,6 +107,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         search=SearchOptions(strategy=args.search, kfold_below=args.kfold_below),
         unfreeze=UnfreezeConfig(layers=args.unfreeze_layers),
         max_seq_length=args.max_seq_length,
+        int8_gate=Int8Gate.from_settings(load_settings()),
     )
     registry = _registry(args)
     reporter = TerminalReporter()

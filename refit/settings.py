@@ -83,6 +83,19 @@ class RefitSettings(BaseSettings):
     """Batches each worker runs at once. More than 1 lets one worker use several cores when
     clients' connections land unevenly on the workers."""
 
+    # -- int8 model -------------------------------------------------------------------------------
+    model_precision: Literal["auto", "fp32", "int8"] = "auto"
+    """Which model file each worker serves: ``auto`` serves a version's int8 model where it passed
+    the accuracy gate (the two settings below) and its fp32 model otherwise; ``fp32`` and ``int8``
+    force one (``int8`` still serves fp32 for versions that have no int8 model). ``GET /models``
+    shows what each version would serve, and why."""
+    int8_min_agreement: float = Field(0.99, ge=0, le=1)
+    """Least share of a version's test examples on which the int8 model must predict the same
+    label as the fp32 model for ``auto`` to serve it."""
+    int8_max_accuracy_drop: float = Field(0.005, ge=0, le=1)
+    """Most test accuracy the int8 model may lose against the fp32 model for ``auto`` to serve it,
+    as a fraction (0.005 is half a point)."""
+
     # -- prediction log ---------------------------------------------------------------------------
     log_flush_interval_ms: int = Field(200, ge=10, le=60_000)
     """How often each worker writes its buffered predictions to the store."""

@@ -12,6 +12,7 @@ import functools
 import gc
 
 from adapters.serving.registry import ModelRegistry
+from adapters.serving.variants import Int8Gate
 from monitoring.leader import MonitorLeader
 from monitoring.metrics import forget_dead_processes
 from refit.settings import RefitSettings
@@ -45,7 +46,10 @@ def build_data_plane(settings: RefitSettings, *, run_drift_job: bool = True) -> 
     initialise_metrics()
     store = Store.from_url(settings.resolved_database_url)
     registry = ModelRegistry(settings.registry_path)
-    holder = ModelHolder(registry, settings.ort_threads, settings.swap_poll_interval_s)
+    holder = ModelHolder(
+        registry, settings.ort_threads, settings.swap_poll_interval_s,
+        precision=settings.model_precision, int8_gate=Int8Gate.from_settings(settings),
+    )
     memory = (
         FeedbackMemoryKeeper(
             store, holder, settings.memory_poll_interval_s,

@@ -15,7 +15,7 @@ import os
 import socket
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,6 +25,7 @@ import numpy as np
 from adapters.serving.data import read_jsonl
 from adapters.serving.labels import LabelStatus, label_statuses
 from adapters.serving.registry import ModelRegistry, ModelVersion, Pointer
+from adapters.serving.variants import Int8Gate, VariantChoice
 from monitoring.drift_job import drift_dir
 from monitoring.metrics import metrics
 from refit.errors import InvalidInputError, NotFoundError
@@ -126,6 +127,8 @@ class ServingState:
     host: str
     loaded_at: float | None
     last_swap_error: str | None
+    variant: VariantChoice | None = None
+    """The model file served (fp32 or int8) and why."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,10 @@ class ModelsOverview:
     pointer: Pointer | None
     serving: ServingState
     versions: list[ModelVersion]
+    variants: dict[str, VariantChoice] = field(default_factory=dict)
+    """Per version, the model file this worker's precision setting picks for it, and why."""
+    int8_gate: Int8Gate | None = None
+    """The int8 accuracy gate in effect."""
 
 
 class BackgroundTask(Protocol):
@@ -469,6 +476,7 @@ class DataPlane:
 
     def models(self) -> ModelsOverview:
         model = self.holder.model
+        versions = self.registry.list_versions()
         return ModelsOverview(
             pointer=self.registry.pointer(),
             serving=ServingState(
@@ -477,8 +485,11 @@ class DataPlane:
                 host=socket.gethostname(),
                 loaded_at=model.loaded_at if model else None,
                 last_swap_error=self.holder.status.last_error,
+                variant=model.variant if model else None,
             ),
-            versions=self.registry.list_versions(),
+            versions=versions,
+            variants={v.name: self.holder.choose(v.manifest) for v in versions},
+            int8_gate=self.holder.int8_gate,
         )
 
     async def promote(self, version: str) -> Pointer:

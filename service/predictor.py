@@ -22,6 +22,7 @@ import numpy as np
 from adapters.serving.memory import MemoryMatches
 from adapters.serving.registry import ModelRegistry
 from adapters.serving.runtime import OnnxClassifier, release_freed_memory
+from adapters.serving.variants import Int8Gate, VariantChoice, choose_variant
 from monitoring.metrics import metrics
 from refit.errors import NotReadyError
 
@@ -38,6 +39,8 @@ class ServingModel:
     labels: tuple[str, ...]
     encoder_id: str
     loaded_at: float
+    variant: VariantChoice
+    """The model file served (fp32 or int8) and why."""
 
 
 @dataclass(frozen=True)
@@ -65,10 +68,14 @@ class ModelHolder:
         registry: ModelRegistry,
         ort_threads: int = 1,
         poll_interval_s: float = 1.0,
+        precision: str = "auto",
+        int8_gate: Int8Gate | None = None,
     ) -> None:
         self.registry = registry
         self.ort_threads = ort_threads
         self.poll_interval_s = poll_interval_s
+        self.precision = precision
+        self.int8_gate = int8_gate or Int8Gate()
         self._model: ServingModel | None = None
         self._load_lock = threading.Lock()
         self._stop = threading.Event()
@@ -124,12 +131,21 @@ class ModelHolder:
                 return False
             return self._load(pointer.version)
 
+    def choose(self, manifest: dict[str, object]) -> VariantChoice:
+        """The model file this worker serves for a version (``REFIT_MODEL_PRECISION``)."""
+        return choose_variant(manifest, self.precision, self.int8_gate)
+
     def _load(self, version_name: str) -> bool:
         m = metrics()
         started = time.perf_counter()
         try:
             version = self.registry.get(version_name)
-            classifier = OnnxClassifier(version.path, intra_op_threads=self.ort_threads)
+            # A variant whose file fails its sha256 check is refused like any failed load: the
+            # old model keeps serving (no silent fall back from a tampered int8 file to fp32).
+            variant = self.choose(version.manifest)
+            classifier = OnnxClassifier(
+                version.path, intra_op_threads=self.ort_threads, variant=variant
+            )
             classifier.warm_up()
             model = ServingModel(
                 version=version.name,
@@ -137,6 +153,7 @@ class ModelHolder:
                 labels=tuple(classifier.labels),
                 encoder_id=version.encoder_id,
                 loaded_at=time.time(),
+                variant=variant,
             )
         except Exception as exc:  # noqa: BLE001 - any load failure keeps the old model
             self.status.last_error = f"loading {version_name} failed: {exc}"
@@ -155,8 +172,9 @@ class ModelHolder:
         if previous is not None:
             m.model_info.labels(model_version=previous.version).set(0)
         m.model_info.labels(model_version=model.version).set(1)
-        log.info("serving model %s (was %s), loaded and warmed in %.2fs",
-                 model.version, previous.version if previous else "none", seconds)
+        log.info("serving model %s %s (was %s), loaded and warmed in %.2fs: %s",
+                 model.version, variant.precision, previous.version if previous else "none",
+                 seconds, variant.reason)
         return True
 
     def start_watching(self) -> None:

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator, model_validator
 
 from adapters.serving.registry import ModelVersion, Pointer
+from adapters.serving.variants import Int8Gate, VariantChoice, int8_record, judge_int8
 from refit.jobs import Job, RetrainOptions
 from refit.store import FeedbackEntry, FeedbackQuery, FeedbackSubmission
 from refit.text import LABEL_PATTERN, TEXT_PATTERN, has_control_characters, is_blank
@@ -317,6 +318,20 @@ class SplitMetrics(BaseModel):
     examples: int
 
 
+class Int8Info(BaseModel):
+    """A version's int8 model: its accuracy check against fp32 on the test split."""
+
+    size_mb: float
+    fp32_size_mb: float
+    examples: int = Field(description="Test examples the check ran on.")
+    agreement: float = Field(description="Share of them on which int8 and fp32 agree.")
+    fp32_accuracy: float
+    int8_accuracy: float
+    accuracy_drop: float = Field(description="fp32 accuracy minus int8 accuracy (a fraction).")
+    passed: bool = Field(description="Whether the check passes the accuracy gate in effect.")
+    reason: str
+
+
 class VersionInfo(BaseModel):
     version: str
     parent: str | None = Field(description="The version it was retrained from, if any.")
@@ -325,10 +340,32 @@ class VersionInfo(BaseModel):
     metrics: dict[str, SplitMetrics] = Field(description="Scores on `validation` and `test`.")
     gate: dict[str, Any] | None = Field(description="The promotion gate's decision, if retrained.")
     current: bool = Field(description="Whether the registry's pointer names this version.")
+    int8: Int8Info | None = Field(
+        None, description="Its int8 model's check (absent for versions without one).")
+    precision: Literal["fp32", "int8"] | None = Field(
+        None, description="The model file this worker serves for this version under "
+        "REFIT_MODEL_PRECISION, and why (precision_reason).")
+    precision_reason: str | None = None
 
     @classmethod
-    def from_version(cls, version: ModelVersion, current: bool) -> VersionInfo:
+    def from_version(
+        cls, version: ModelVersion, current: bool, variant: VariantChoice | None = None,
+        gate: Int8Gate | None = None,
+    ) -> VersionInfo:
         m = version.manifest
+        record = int8_record(m)
+        int8 = None
+        if record is not None and record.get("check"):
+            check = record["check"]
+            verdict = judge_int8(check, gate or Int8Gate())
+            int8 = Int8Info(
+                size_mb=round(record["size_bytes"] / 2**20, 1),
+                fp32_size_mb=round(record["fp32_size_bytes"] / 2**20, 1),
+                examples=check["examples"], agreement=check["agreement"],
+                fp32_accuracy=check["fp32_accuracy"], int8_accuracy=check["int8_accuracy"],
+                accuracy_drop=check["accuracy_drop"], passed=verdict.passed,
+                reason=verdict.reason,
+            )
         return cls(
             version=version.name,
             parent=m.get("parent"),
@@ -345,6 +382,9 @@ class VersionInfo(BaseModel):
             },
             gate=m.get("gate"),
             current=current,
+            int8=int8,
+            precision=variant.precision if variant else None,
+            precision_reason=variant.reason if variant else None,
         )
 
 
@@ -356,6 +396,10 @@ class ServingInfo(BaseModel):
     host: str
     loaded_at: float | None = Field(description="Unix time the version was loaded.")
     last_swap_error: str | None = Field(description="Why the last swap failed, if it did.")
+    precision: Literal["fp32", "int8"] | None = Field(
+        None, description="The model file it serves: fp32 or int8 (REFIT_MODEL_PRECISION).")
+    precision_reason: str | None = Field(
+        None, description="Why that file: the setting, or the int8 accuracy gate's verdict.")
 
 
 class ModelsResponse(BaseModel):
@@ -372,8 +416,15 @@ class ModelsResponse(BaseModel):
             serving=ServingInfo(
                 version=serving.version, worker_pid=serving.worker_pid, host=serving.host,
                 loaded_at=serving.loaded_at, last_swap_error=serving.last_swap_error,
+                precision=serving.variant.precision if serving.variant else None,
+                precision_reason=serving.variant.reason if serving.variant else None,
             ),
-            versions=[VersionInfo.from_version(v, v.name == current) for v in overview.versions],
+            versions=[
+                VersionInfo.from_version(
+                    v, v.name == current, overview.variants.get(v.name), overview.int8_gate
+                )
+                for v in overview.versions
+            ],
         )
 
 

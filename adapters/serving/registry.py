@@ -91,6 +91,12 @@ class ModelVersion:
     def onnx_path(self) -> Path:
         return self.path / "model.onnx"
 
+    @property
+    def int8_path(self) -> Path | None:
+        """The version's int8 model, if it has one (versions since issue 11)."""
+        record = self.manifest.get("int8")
+        return self.path / record["file"] if isinstance(record, dict) else None
+
 
 @dataclass(frozen=True)
 class Pointer:

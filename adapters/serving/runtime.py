@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -24,6 +25,7 @@ from adapters.serving.tokenization import (
     plan_batches,
     shared_tokenizer,
 )
+from adapters.serving.variants import FP32_FILE, VariantChoice, verify_bytes
 
 OUTPUTS = ["probabilities", "embedding"]
 # (texts, tokens) per warm-up run: the run sizes the length-aware planner produces.
@@ -50,11 +52,27 @@ class ClassifierOutput:
 
 
 class OnnxClassifier:
-    """A loaded version: tokenizer, ONNX Runtime session and label list."""
+    """A loaded version: tokenizer, ONNX Runtime session and label list.
 
-    def __init__(self, version_dir: str | Path, intra_op_threads: int = 1) -> None:
+    ``variant`` names the model file to load (see :mod:`adapters.serving.variants`); by default
+    the fp32 ``model.onnx``. A file whose sha256 differs from the one recorded in the manifest is
+    refused with :class:`~adapters.serving.variants.ModelIntegrityError`.
+    """
+
+    def __init__(
+        self, version_dir: str | Path, intra_op_threads: int = 1,
+        variant: VariantChoice | None = None, manifest: dict[str, Any] | None = None,
+    ) -> None:
         self.path = Path(version_dir)
-        manifest = json.loads((self.path / "manifest.json").read_text())
+        if manifest is None:  # given only for a version still being written (its int8 check)
+            manifest = json.loads((self.path / "manifest.json").read_text())
+        if variant is None:
+            variant = VariantChoice("fp32", FP32_FILE, manifest.get("onnx", {}).get("sha256"),
+                                    "the fp32 model")
+        self.variant = variant
+        # Hashed and loaded from the same bytes: the file cannot change between check and load.
+        model_bytes = (self.path / variant.file).read_bytes()
+        verify_bytes(model_bytes, variant.sha256, f"{self.path.name}/{variant.file}")
         self.version: str = manifest["version"]
         self.labels: list[str] = list(manifest["labels"])
         max_length = int(manifest.get("encoder", {}).get("max_seq_length", DEFAULT_MAX_SEQ_LENGTH))
@@ -68,7 +86,7 @@ class OnnxClassifier:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
         self.session = ort.InferenceSession(
-            str(self.path / "model.onnx"), options, providers=["CPUExecutionProvider"]
+            model_bytes, options, providers=["CPUExecutionProvider"]
         )
 
     def run_tokens(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -32,6 +32,7 @@ from adapters.serving.data import LabelledTexts, require_trainable, stratified_s
 from adapters.serving.evaluation import classification_report
 from adapters.serving.registry import ModelRegistry, ModelVersion, utc_now
 from adapters.serving.tokenization import DEFAULT_MAX_SEQ_LENGTH, TextTokenizer
+from adapters.serving.variants import INT8_FILE, Int8Gate
 from adapters.training.encoder import (
     ENCODER_NAME,
     ENCODER_PACKAGE,
@@ -60,6 +61,8 @@ from adapters.training.head import (
     save_head,
     train_head,
 )
+from adapters.training.quantize import METHOD as INT8_METHOD
+from adapters.training.quantize import check_int8, write_int8
 from adapters.training.search import SearchOptions, search_head
 from adapters.training.unfreeze import UnfreezeConfig, gradual_unfreeze
 from refit.errors import DatasetError
@@ -94,6 +97,8 @@ class TrainingOptions:
     max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH
     test_fraction: float = 0.15
     validation_fraction: float = 0.15
+    int8_gate: Int8Gate = field(default_factory=Int8Gate)
+    """Thresholds the int8 model's check is judged by (``REFIT_INT8_*`` settings)."""
 
 
 @dataclass
@@ -166,6 +171,8 @@ class EncoderSource:
     """An earlier version's ``model.onnx`` whose encoder graph is reused unchanged (head-only)."""
     weights_from: Path | None = None
     """An earlier version's ``encoder/`` folder of fine-tuned weights, reused unchanged."""
+    int8_from: Path | None = None
+    """With ``onnx_from``: the same version's int8 model, whose quantised encoder is reused."""
     fine_tuned_layers: int = 0
 
 
@@ -230,8 +237,23 @@ class TrainedVersion:
             },
             "labels": self.version.labels,
             "train_seconds": round(self.train_seconds, 3),
+            "int8": int8_summary(self.version.manifest),
             "path": str(self.version.path),
         }
+
+
+def int8_summary(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The int8 model's check in brief, and what quantising and checking it took."""
+    record = manifest.get("int8")
+    if not isinstance(record, dict):
+        return None
+    check = record["check"]
+    return {
+        "passed": check["passed"], "reason": check["reason"],
+        "agreement": check["agreement"], "accuracy_drop": check["accuracy_drop"],
+        "size_mb": round(record["size_bytes"] / 2**20, 1),
+        "seconds": round(record["build_seconds"] + check["seconds"], 3),
+    }
 
 
 def make_splits(
@@ -306,6 +328,7 @@ def train_version(
         recipe.seed,
         reporter,
         started,
+        options.int8_gate,
     )
     promoted = False
     if promote:
@@ -461,6 +484,7 @@ def register_version(
     seed: int,
     reporter: Reporter,
     started: float,
+    int8_gate: Int8Gate | None = None,
 ) -> ModelVersion:
     """Export, check, evaluate and commit a version; returns it once visible in the registry.
 
@@ -468,6 +492,8 @@ def register_version(
     ``fitted.encoder.onnx_from`` the encoder graph is reused and only the head is exported
     (:func:`compose_with_encoder`). With ``weights_from`` a parent's fine-tuned encoder weights are
     reused (hard-linked); with ``fine_tuned_layers > 0`` and no such folder they are saved anew.
+    Every version also gets an int8 model, checked against fp32 on the test split under
+    ``int8_gate`` (:mod:`adapters.training.quantize`).
     """
     head, source, data = fitted.head, fitted.encoder, fitted.data
     splits, embeddings, labels = data.splits, data.embeddings, data.labels
@@ -494,6 +520,13 @@ def register_version(
                 raise ValueError("saving fine-tuned weights needs the PyTorch encoder")
             save_encoder_weights(source.encoder, staged.path / "encoder")
 
+        reporter.phase("quantizing", "int8 model")
+        int8_path = staged.path / INT8_FILE
+        int8_build = write_int8(
+            onnx_path, int8_path, head,
+            source.int8_from if source.onnx_from is not None else None,
+        )
+
         reporter.phase("evaluating", f"{len(splits.test)} held-out examples")
         metrics: dict[str, Any] = {}
         probabilities: dict[str, np.ndarray] = {}
@@ -502,6 +535,14 @@ def register_version(
             metrics[name] = classification_report(
                 data.y(name), probabilities[name].argmax(axis=1), labels
             )
+        reporter.phase("evaluating", f"int8 model on {len(splits.test)} test examples")
+        int8_check = check_int8(
+            staged.path,
+            {"version": "staged", "labels": labels,
+             "encoder": {"max_seq_length": tokenizer.max_length}},
+            splits.test.texts, data.y("test"), probabilities["test"].argmax(axis=1),
+            int8_gate or Int8Gate(),
+        )
 
         data_dir = staged.path / "data"
         data_dir.mkdir()
@@ -543,6 +584,15 @@ def register_version(
             },
             "metrics": metrics,
             "onnx": {"sha256": sha256_file(onnx_path), "opset": OPSET, "parity": parity},
+            "int8": {
+                "file": INT8_FILE,
+                "sha256": sha256_file(int8_path),
+                "size_bytes": int8_path.stat().st_size,
+                "fp32_size_bytes": onnx_path.stat().st_size,
+                "method": INT8_METHOD,
+                **int8_build,
+                "check": int8_check,
+            },
             "packages": package_versions(),
             "train_seconds": round(time.perf_counter() - started, 3),
             **provenance.extra,

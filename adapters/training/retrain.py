@@ -49,6 +49,7 @@ from adapters.serving.labels import LabelStatus, label_statuses
 from adapters.serving.registry import ModelRegistry, ModelVersion
 from adapters.serving.runtime import OnnxClassifier
 from adapters.serving.tokenization import TextTokenizer
+from adapters.serving.variants import Int8Gate
 from adapters.training.gate import GateRules, HeldOutPredictions, judge
 from adapters.training.head import HeadConfig, head_probabilities
 from adapters.training.pipeline import (
@@ -332,6 +333,7 @@ def champion_encoder(champion: ModelVersion, unfreeze_layers: int) -> EncoderSou
         encoder=version_encoder(champion) if unfreeze_layers > 0 else None,
         onnx_from=champion.onnx_path,
         weights_from=champion.path / "encoder" if fine_tuned else None,
+        int8_from=champion.int8_path,
         fine_tuned_layers=fine_tuned,
     )
 
@@ -418,6 +420,7 @@ def run_job(job_id: str, settings: RefitSettings, store: Store) -> dict[str, Any
         recipe.seed,
         reporter,
         started,
+        Int8Gate.from_settings(settings),
     )
     promoted = False
     if gate["promote"]:

@@ -1,0 +1,312 @@
+"""The int8 model: export, its accuracy check and gate, the precision setting, integrity, /models.
+
+Unit tests of the gate decision first, then the real artefacts: the demo model trained in the test
+session (its int8 twin quantised by onnxruntime and checked on the test split), a version whose
+int8 model genuinely fails the check, and real servers showing what they serve and why.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from adapters.serving.data import read_jsonl
+from adapters.serving.registry import ModelRegistry
+from adapters.serving.runtime import OnnxClassifier
+from adapters.serving.variants import (
+    FP32_FILE,
+    INT8_FILE,
+    Int8Gate,
+    ModelIntegrityError,
+    choose_variant,
+    judge_int8,
+)
+from refit.settings import SettingsError, load_settings
+from service.predictor import ModelHolder
+from tests.servers import ServiceProcess, copy_registry, wait_for
+
+GOOD = {"examples": 3080, "agreement": 0.995, "accuracy_drop": 0.002}
+
+
+def manifest_with(check: dict | None) -> dict:
+    manifest: dict = {"onnx": {"sha256": "f" * 64}}
+    if check is not None:
+        manifest["int8"] = {"file": INT8_FILE, "sha256": "i" * 64, "check": check}
+    return manifest
+
+
+# -- the gate decision -----------------------------------------------------------------------------
+
+
+def test_the_gate_passes_at_its_thresholds_and_fails_just_past_them():
+    gate = Int8Gate()  # the defaults a user gets: 99% agreement, half a point of accuracy
+    assert (gate.min_agreement, gate.max_accuracy_drop) == (0.99, 0.005)
+    assert judge_int8(GOOD, gate).passed
+    assert judge_int8({**GOOD, "agreement": 0.99, "accuracy_drop": 0.005}, gate).passed
+    assert judge_int8({**GOOD, "accuracy_drop": -0.01}, gate).passed  # int8 better: fine
+    low = judge_int8({**GOOD, "agreement": 0.9899}, gate)
+    assert not low.passed and "agreement" in low.reason and "98.99% < 99.00%" in low.reason
+    worse = judge_int8({**GOOD, "accuracy_drop": 0.0051}, gate)
+    assert not worse.passed and "accuracy drop 0.51 points > 0.50" in worse.reason
+    both = judge_int8({**GOOD, "agreement": 0.5, "accuracy_drop": 0.2}, gate)
+    assert not both.passed and "agreement" in both.reason and "accuracy drop" in both.reason
+    assert not judge_int8(None, gate).passed
+    assert not judge_int8({**GOOD, "agreement": float("nan")}, gate).passed
+
+
+def test_precision_setting_picks_the_file_and_says_why():
+    passing, failing = manifest_with(GOOD), manifest_with({**GOOD, "agreement": 0.9})
+    gate = Int8Gate()
+    auto = choose_variant(passing, "auto", gate)
+    assert (auto.precision, auto.file, auto.sha256) == ("int8", INT8_FILE, "i" * 64)
+    assert "passed" in auto.reason
+    fallback = choose_variant(failing, "auto", gate)
+    assert (fallback.precision, fallback.file, fallback.sha256) == ("fp32", FP32_FILE, "f" * 64)
+    assert "failed the accuracy gate" in fallback.reason and "serving fp32" in fallback.reason
+    forced = choose_variant(failing, "int8", gate)
+    assert forced.precision == "int8" and "REFIT_MODEL_PRECISION is int8" in forced.reason
+    assert "failed" in forced.reason
+    assert choose_variant(passing, "fp32", gate).precision == "fp32"
+    for precision in ("auto", "int8"):
+        old = choose_variant(manifest_with(None), precision, gate)
+        assert old.precision == "fp32" and "no int8 model" in old.reason
+    # A stricter gate than the one the version was trained under is applied where it is read.
+    strict = Int8Gate(min_agreement=1.0, max_accuracy_drop=0.0)
+    assert choose_variant(passing, "auto", strict).precision == "fp32"
+
+
+# -- settings --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["auto", "fp32", "int8"])
+def test_precision_setting_values(monkeypatch, value):
+    monkeypatch.setenv("REFIT_MODEL_PRECISION", value)
+    assert load_settings().model_precision == value
+
+
+def test_precision_defaults_to_auto_with_the_documented_gate(monkeypatch):
+    monkeypatch.delenv("REFIT_MODEL_PRECISION", raising=False)
+    settings = load_settings()
+    assert settings.model_precision == "auto"
+    assert Int8Gate.from_settings(settings) == Int8Gate(0.99, 0.005)
+
+
+@pytest.mark.parametrize(("variable", "value"), [
+    ("REFIT_MODEL_PRECISION", "int4"),
+    ("REFIT_MODEL_PRECISION", "INT8 "),
+    ("REFIT_INT8_MIN_AGREEMENT", "1.5"),
+    ("REFIT_INT8_MIN_AGREEMENT", "ninety"),
+    ("REFIT_INT8_MAX_ACCURACY_DROP", "-0.1"),
+])
+def test_a_bad_precision_setting_stops_start_up_naming_the_variable(monkeypatch, variable, value):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError, match=variable):
+        load_settings()
+
+
+def test_server_refuses_to_start_with_a_bad_precision(tmp_path, trained_registry):
+    service = ServiceProcess(
+        registry=copy_registry(trained_registry.root, tmp_path / "registry"),
+        data_dir=tmp_path / "var", env={"REFIT_MODEL_PRECISION": "int4"},
+    )
+    try:
+        with pytest.raises(RuntimeError, match="server exited") as failed:
+            service.start(timeout=120)
+    finally:
+        service.stop()
+    assert "REFIT_MODEL_PRECISION: Input should be 'auto', 'fp32' or 'int8'" in str(failed.value)
+
+
+# -- the artefacts ---------------------------------------------------------------------------------
+
+
+def test_manifest_records_the_int8_model_and_its_check(trained_registry):
+    from adapters.training.export import sha256_file
+
+    version = trained_registry.current()
+    m = version.manifest
+    record = m["int8"]
+    int8_path = version.path / record["file"]
+    assert record["file"] == INT8_FILE and int8_path.is_file()
+    assert record["sha256"] == sha256_file(int8_path)
+    assert record["size_bytes"] == int8_path.stat().st_size
+    assert record["fp32_size_bytes"] == (version.path / FP32_FILE).stat().st_size
+    # Int8 weights: about a quarter of the fp32 file.
+    assert record["size_bytes"] < 0.35 * record["fp32_size_bytes"]
+    assert record["method"]["kind"] == "dynamic" and record["method"]["weight_type"] == "QInt8"
+    assert record["origin"] == "quantised from model.onnx" and record["build_seconds"] > 0
+    check = record["check"]
+    assert check["split"] == "test" and check["examples"] == m["metrics"]["test"]["examples"]
+    assert check["fp32_accuracy"] == pytest.approx(m["metrics"]["test"]["accuracy"])
+    assert check["accuracy_drop"] == pytest.approx(
+        check["fp32_accuracy"] - check["int8_accuracy"], abs=1e-6)
+    assert check["gate"] == {"min_agreement": 0.99, "max_accuracy_drop": 0.005}
+    assert check["passed"] is True, check["reason"]
+    assert check["seconds"] > 0
+
+
+def test_int8_model_reproduces_its_recorded_check(trained_registry):
+    """The int8 file as served scores what the manifest says, and agrees with fp32."""
+    version = trained_registry.current()
+    check = version.manifest["int8"]["check"]
+    test = read_jsonl(version.path / "data" / "test.jsonl")
+    variant = choose_variant(version.manifest, "int8", Int8Gate())
+    int8 = OnnxClassifier(version.path, variant=variant)
+    fp32 = OnnxClassifier(version.path)
+    assert int8.variant.precision == "int8" and fp32.variant.precision == "fp32"
+    got = int8.predict(test.texts)
+    want = fp32.predict(test.texts)
+    assert got.probabilities.shape == want.probabilities.shape
+    assert got.embeddings.shape == want.embeddings.shape == (len(test), 384)
+    agreement = float(np.mean(got.probabilities.argmax(1) == want.probabilities.argmax(1)))
+    assert agreement == pytest.approx(check["agreement"], abs=1e-6)
+    accuracy = float(np.mean([int8.labels[p] == t for p, t in
+                              zip(got.probabilities.argmax(1), test.labels, strict=True)]))
+    assert accuracy == pytest.approx(check["int8_accuracy"], abs=1e-6)
+    # Quantised, not copied: the embeddings move, a little.
+    cosine = np.sum(got.embeddings * want.embeddings, axis=1)
+    assert 0.8 < float(cosine.mean()) < 0.99999
+
+
+@pytest.fixture()
+def registry_copy(trained_registry, tmp_path):
+    return ModelRegistry(copy_registry(trained_registry.root, tmp_path / "registry"))
+
+
+def tamper_with(path) -> None:
+    """Change one byte in the middle of a model file: it may well still load, and differ."""
+    content = bytearray(path.read_bytes())
+    content[len(content) // 2] ^= 0x01
+    path.write_bytes(bytes(content))
+
+
+@pytest.mark.parametrize(("precision", "file"), [("auto", INT8_FILE), ("fp32", FP32_FILE)])
+def test_a_tampered_model_file_is_refused(registry_copy, precision, file):
+    version = registry_copy.current()
+    holder = ModelHolder(registry_copy, precision=precision)
+    assert holder.sync() and holder.require().variant.file == file
+    # A new version whose served file differs from its manifest's sha256.
+    with registry_copy.stage() as staged:
+        for item in version.path.iterdir():
+            if item.is_file() and item.name != "manifest.json":
+                shutil.copy(item, staged.path / item.name)
+        tamper_with(staged.path / file)
+        tampered = registry_copy.commit(staged, {**version.manifest, "parent": version.name})
+    with pytest.raises(ModelIntegrityError, match="sha256"):
+        OnnxClassifier(tampered.path, variant=holder.choose(tampered.manifest))
+    registry_copy.promote(tampered.name)
+    assert holder.sync() is False
+    assert holder.require().version == version.name  # the old model keeps serving
+    assert "does not match the sha256 in its manifest" in holder.status.last_error
+    assert tampered.name in holder.status.last_error
+
+
+def test_forced_precisions_load_the_file_they_name(registry_copy):
+    for precision, expected in (("fp32", "fp32"), ("int8", "int8"), ("auto", "int8")):
+        holder = ModelHolder(registry_copy, precision=precision)
+        assert holder.sync()
+        model = holder.require()
+        assert model.variant.precision == expected == model.classifier.variant.precision
+        out = holder.run_batch(["my parcel never arrived", "cancel my order please"])
+        assert out.probabilities.shape == (2, len(model.labels))
+
+
+# -- a version whose int8 model fails, and what servers say ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def failing_registry(trained_registry, tmp_path_factory, demo_data_path):
+    """The trained registry plus v2: the same data, with an int8 model that genuinely fails
+    its check. Its int8 file gets a head that is not the version's (so int8 and fp32 disagree):
+    the check measures that as it would any bad quantisation."""
+    import adapters.training.pipeline as training
+    from adapters.training.head import ClassifierHead
+    from adapters.training.search import SearchOptions
+
+    registry = ModelRegistry(
+        copy_registry(trained_registry.root, tmp_path_factory.mktemp("int8-fail") / "registry"))
+    real_write_int8 = training.write_int8
+
+    def bad_int8(fp32_path, int8_path, head, parent_int8):
+        import torch
+
+        torch.manual_seed(1)
+        wrong = ClassifierHead(384, head.num_classes, hidden_size=0, dropout=0.0).eval()
+        return real_write_int8(fp32_path, int8_path, wrong, trained_registry.current().int8_path)
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(training, "write_int8", bad_int8)
+    try:
+        result = training.train_version(
+            registry, read_jsonl(demo_data_path),
+            options=training.TrainingOptions(search=SearchOptions(strategy="none")),
+        )
+    finally:
+        patch.undo()
+    assert result.version.name == "v2" and registry.pointer().version == "v2"
+    return registry
+
+
+def test_a_failing_int8_check_is_recorded(failing_registry):
+    check = failing_registry.get("v2").manifest["int8"]["check"]
+    assert check["passed"] is False
+    assert check["agreement"] < 0.99 and "failed the accuracy gate" in check["reason"]
+
+
+def test_models_shows_the_gate_and_serving_falls_back_to_fp32(failing_registry, tmp_path):
+    """A real server with the defaults: v2 (int8 failed) is served in fp32, saying why; promoting
+    v1 (int8 passed) swaps every worker to its int8 model."""
+    service = ServiceProcess(
+        registry=copy_registry(failing_registry.root, tmp_path / "registry"),
+        data_dir=tmp_path / "var",
+    ).start()
+    try:
+        with service.client() as client:
+            body = client.get("/models").json()
+            assert body["current"] == "v2"
+            serving = body["serving"]
+            assert serving["version"] == "v2" and serving["precision"] == "fp32"
+            assert "int8 failed the accuracy gate" in serving["precision_reason"]
+            assert "serving fp32" in serving["precision_reason"]
+            versions = {v["version"]: v for v in body["versions"]}
+            v1, v2 = versions["v1"], versions["v2"]
+            assert v2["int8"]["passed"] is False and v2["precision"] == "fp32"
+            assert v1["int8"]["passed"] is True and v1["precision"] == "int8"
+            manifest = failing_registry.get("v1").manifest["int8"]
+            assert v1["int8"]["agreement"] == manifest["check"]["agreement"]
+            assert v1["int8"]["size_mb"] < v1["int8"]["fp32_size_mb"] / 2
+            assert client.post("/predict", json={"texts": ["hello"]}).status_code == 200
+
+            assert client.post("/models/promote", json={"version": "v1"}).status_code == 200
+
+            def all_int8() -> bool:
+                seen = {}
+                for _ in range(8):
+                    s = client.get("/models").json()["serving"]
+                    seen[s["worker_pid"]] = (s["version"], s["precision"])
+                return len(seen) == 2 and set(seen.values()) == {("v1", "int8")}
+
+            wait_for(all_int8, 20, what="both workers on v1's int8 model")
+            served = client.get("/models").json()["serving"]
+            assert "int8 passed the accuracy gate" in served["precision_reason"]
+            answer = client.post("/predict", json={"texts": ["my parcel never arrived"]}).json()
+            assert answer["model_version"] == "v1"
+    finally:
+        service.stop()
+
+
+def test_fp32_setting_is_served_and_shown(trained_registry, tmp_path):
+    service = ServiceProcess(
+        registry=copy_registry(trained_registry.root, tmp_path / "registry"),
+        data_dir=tmp_path / "var", env={"REFIT_MODEL_PRECISION": "fp32"},
+    ).start()
+    try:
+        with service.client() as client:
+            body = client.get("/models").json()
+            assert body["serving"]["precision"] == "fp32"
+            assert body["serving"]["precision_reason"] == "REFIT_MODEL_PRECISION is fp32"
+            assert body["versions"][0]["int8"]["passed"] is True  # shown, not served
+    finally:
+        service.stop()
