@@ -62,7 +62,7 @@ from adapters.training.head import (
     train_head,
 )
 from adapters.training.quantize import METHOD as INT8_METHOD
-from adapters.training.quantize import check_int8, write_int8
+from adapters.training.quantize import Probe, check_int8, write_int8
 from adapters.training.search import SearchOptions, search_head
 from adapters.training.unfreeze import UnfreezeConfig, gradual_unfreeze
 from refit.errors import DatasetError
@@ -520,13 +520,6 @@ def register_version(
                 raise ValueError("saving fine-tuned weights needs the PyTorch encoder")
             save_encoder_weights(source.encoder, staged.path / "encoder")
 
-        reporter.phase("quantizing", "int8 model")
-        int8_path = staged.path / INT8_FILE
-        int8_build = write_int8(
-            onnx_path, int8_path, head,
-            source.int8_from if source.onnx_from is not None else None,
-        )
-
         reporter.phase("evaluating", f"{len(splits.test)} held-out examples")
         metrics: dict[str, Any] = {}
         probabilities: dict[str, np.ndarray] = {}
@@ -535,13 +528,23 @@ def register_version(
             metrics[name] = classification_report(
                 data.y(name), probabilities[name].argmax(axis=1), labels
             )
+        reporter.phase("quantizing", "int8 model")
+        int8_gate = int8_gate or Int8Gate()
+        staged_manifest = {"version": "staged", "labels": labels,
+                           "encoder": {"max_seq_length": tokenizer.max_length}}
+        int8_path = staged.path / INT8_FILE
+        int8_build = write_int8(
+            staged.path, onnx_path.name, head,
+            source.int8_from if source.onnx_from is not None else None, staged_manifest,
+            Probe(splits.validation.texts, data.y("validation"),
+                  probabilities["validation"].argmax(axis=1)),
+            int8_gate,
+        )
         reporter.phase("evaluating", f"int8 model on {len(splits.test)} test examples")
         int8_check = check_int8(
-            staged.path,
-            {"version": "staged", "labels": labels,
-             "encoder": {"max_seq_length": tokenizer.max_length}},
-            splits.test.texts, data.y("test"), probabilities["test"].argmax(axis=1),
-            int8_gate or Int8Gate(),
+            staged.path, staged_manifest,
+            Probe(splits.test.texts, data.y("test"), probabilities["test"].argmax(axis=1)),
+            int8_gate,
         )
 
         data_dir = staged.path / "data"
