@@ -61,10 +61,15 @@ class _Reporter:
         pass
 
 
-def build_version(name: str, search: str, rebuild: bool):  # noqa: ANN201 - a ModelVersion
-    """The data set's version, trained by refit's pipeline from cached embeddings."""
+def build_version(name: str, search: str, rebuild: bool, recipe_name: str | None = None):  # noqa: ANN201, E501
+    """The data set's version, trained by refit's pipeline from cached embeddings.
+
+    ``recipe_name`` restricts the int8 export to that one quantisation recipe (to measure a recipe
+    the selection would not pick); by default the export chooses as ``refit train`` does.
+    """
     import shutil
 
+    import adapters.training.quantize as quantize
     from adapters.serving.registry import ModelRegistry
     from adapters.serving.tokenization import TextTokenizer
     from adapters.training.encoder import load_encoder, packaged_encoder_dir
@@ -80,7 +85,7 @@ def build_version(name: str, search: str, rebuild: bool):  # noqa: ANN201 - a Mo
     from adapters.training.search import SearchOptions
     from bench.datasets import load
 
-    root = STORE / f"{name}-{search}"
+    root = STORE / (f"{name}-{search}" + (f"-{recipe_name}" if recipe_name else ""))
     if rebuild:
         shutil.rmtree(root, ignore_errors=True)
     registry = ModelRegistry(root)
@@ -101,10 +106,16 @@ def build_version(name: str, search: str, rebuild: bool):  # noqa: ANN201 - a Mo
     recipe = HeadRecipe(search=SearchOptions(strategy=search))
     reporter = _Reporter(name)
     fitted = fit_head(data, recipe, source, reporter)
-    version = register_version(
-        registry, fitted, Provenance(data_source=f"bench/datasets.py {name}"), recipe.seed,
-        reporter, started,
-    )
+    recipes = quantize.RECIPES
+    if recipe_name is not None:
+        quantize.RECIPES = tuple(r for r in recipes if r.name == recipe_name)
+    try:
+        version = register_version(
+            registry, fitted, Provenance(data_source=f"bench/datasets.py {name}"), recipe.seed,
+            reporter, started,
+        )
+    finally:
+        quantize.RECIPES = recipes
     registry.promote(version.name)
     return version
 
@@ -168,6 +179,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=15)
     parser.add_argument("--search", choices=["none", "grid"], default="none")
     parser.add_argument("--rebuild", action="store_true", help="train the versions again")
+    parser.add_argument("--recipe", choices=["all-int8", "ffn-output-fp32"], default=None,
+                        help="build the int8 models with this quantisation recipe only "
+                        "(default: chosen on validation, as refit train does)")
+    parser.add_argument("--save-as", default="int8_compare")
     args = parser.parse_args()
     shared = require_shared()
 
@@ -175,7 +190,7 @@ def main() -> None:
     versions = {}
     for name in DATASETS:
         log(f"model: {name}")
-        version = build_version(name, args.search, args.rebuild)
+        version = build_version(name, args.search, args.rebuild, args.recipe)
         versions[name] = version
         record = version.manifest["int8"]
         check = record["check"]
@@ -189,6 +204,7 @@ def main() -> None:
             "gate_passed": check["passed"],
             "fp32_mb": round(record["fp32_size_bytes"] / 2**20, 1),
             "int8_mb": round(record["size_bytes"] / 2**20, 1),
+            "recipe": record.get("recipe"),
             "quantize_seconds": record["build_seconds"],
             "check_seconds": check["seconds"],
         }
@@ -233,7 +249,7 @@ def main() -> None:
         "accuracy": accuracy,
         "errors": sum(r["load"]["errors"] for pair in runs for r in pair),
     }
-    path = save("int8_compare", {"summary": summary, "runs": runs})
+    path = save(args.save_as, {"summary": summary, "runs": runs})
     print("\n".join(f"{k}: {v}" for k, v in summary.items()))
     print(f"results: {path}")
 

@@ -201,6 +201,13 @@ def test_promoted_version_swaps_everywhere_and_rolls_back(client, server):
     assert "shipping_question" not in {p["label"] for p in after["predictions"]}
     manifest = ModelRegistry(server.registry).get("v2").manifest
     assert manifest["gate"]["promote"] is True and manifest["parent"] == "v1"
+    # The retrain made both variants: v1's int8 encoder with the new head, checked on v2's test.
+    int8 = manifest["int8"]
+    assert int8["origin"] == "the parent's int8 encoder (v1) with the new head"
+    assert (ModelRegistry(server.registry).get("v2").path / int8["file"]).is_file()
+    assert int8["check"]["examples"] == manifest["metrics"]["test"]["examples"]
+    listed = {v["version"]: v for v in client.get("/models").json()["versions"]}
+    assert listed["v2"]["int8"]["agreement"] == int8["check"]["agreement"]
     # Feedback given as text was embedded once, and the embedding cached for later jobs.
     from refit.store import Store
 
