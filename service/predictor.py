@@ -68,7 +68,7 @@ class ModelHolder:
         registry: ModelRegistry,
         ort_threads: int = 1,
         poll_interval_s: float = 1.0,
-        precision: str = "auto",
+        precision: str = "fp32",
         int8_gate: Int8Gate | None = None,
     ) -> None:
         self.registry = registry

@@ -86,10 +86,10 @@ def test_precision_setting_values(monkeypatch, value):
     assert load_settings().model_precision == value
 
 
-def test_precision_defaults_to_auto_with_the_documented_gate(monkeypatch):
+def test_precision_defaults_to_fp32_with_the_documented_gate(monkeypatch):
     monkeypatch.delenv("REFIT_MODEL_PRECISION", raising=False)
     settings = load_settings()
-    assert settings.model_precision == "auto"
+    assert settings.model_precision == "fp32"
     assert Int8Gate.from_settings(settings) == Int8Gate(0.99, 0.005)
 
 
@@ -263,12 +263,12 @@ def test_a_failing_int8_check_is_recorded(failing_registry):
     assert check["agreement"] < 0.99 and "failed the accuracy gate" in check["reason"]
 
 
-def test_models_shows_the_gate_and_serving_falls_back_to_fp32(failing_registry, tmp_path):
-    """A real server with the defaults: v2 (int8 failed) is served in fp32, saying why; promoting
-    v1 (int8 passed) swaps every worker to its int8 model."""
+def test_models_shows_the_gate_and_auto_falls_back_to_fp32(failing_registry, tmp_path):
+    """A real server with ``auto`` and the default gate: v2 (int8 failed) is served in fp32,
+    saying why; promoting v1 (int8 passed) swaps every worker to its int8 model."""
     service = ServiceProcess(
         registry=copy_registry(failing_registry.root, tmp_path / "registry"),
-        data_dir=tmp_path / "var",
+        data_dir=tmp_path / "var", env={"REFIT_MODEL_PRECISION": "auto"},
     ).start()
     try:
         with service.client() as client:
@@ -305,10 +305,13 @@ def test_models_shows_the_gate_and_serving_falls_back_to_fp32(failing_registry, 
         service.stop()
 
 
-def test_fp32_setting_is_served_and_shown(trained_registry, tmp_path):
+def test_the_default_serves_fp32_and_shows_the_int8_check(
+    trained_registry, tmp_path, monkeypatch
+):
+    monkeypatch.delenv("REFIT_MODEL_PRECISION", raising=False)
     service = ServiceProcess(
         registry=copy_registry(trained_registry.root, tmp_path / "registry"),
-        data_dir=tmp_path / "var", env={"REFIT_MODEL_PRECISION": "fp32"},
+        data_dir=tmp_path / "var",
     ).start()
     try:
         with service.client() as client:
@@ -316,5 +319,6 @@ def test_fp32_setting_is_served_and_shown(trained_registry, tmp_path):
             assert body["serving"]["precision"] == "fp32"
             assert body["serving"]["precision_reason"] == "REFIT_MODEL_PRECISION is fp32"
             assert body["versions"][0]["int8"]["passed"] is True  # shown, not served
+            assert body["versions"][0]["precision"] == "fp32"
     finally:
         service.stop()

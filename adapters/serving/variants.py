@@ -6,11 +6,14 @@ weights, the head left in fp32). Quantisation moves the embeddings a little, so 
 the int8 model against the fp32 one on the version's test split and records that *check* in the
 manifest (``int8.check``). Serving then picks a variant from the ``REFIT_MODEL_PRECISION`` setting:
 
-* ``fp32``: always the fp32 model;
+* ``fp32`` (the default): always the fp32 model;
 * ``int8``: the int8 model whenever the version has one, whatever its check says;
-* ``auto`` (the default): the int8 model only where its check passes the accuracy gate
-  (:class:`Int8Gate`: prediction agreement with fp32 and the accuracy lost), otherwise fp32,
-  with the reason.
+* ``auto``: the int8 model only where its check passes the accuracy gate (:class:`Int8Gate`:
+  prediction agreement with fp32 and the accuracy lost), otherwise fp32, with the reason.
+
+fp32 is the default because int8 answers are not independent of batch-mates: onnxruntime's
+dynamic quantisation scales activations per tensor, i.e. per batch, so a text's probabilities
+move a little with the other texts batched with it (BENCHMARKS.md measures it).
 
 The gate is judged where it is applied, from the recorded measurements and the thresholds in
 effect (:func:`judge_int8`), so tightening a threshold takes effect without retraining.
