@@ -144,6 +144,35 @@ def raw_batch32(version_dir: Path, texts: list[str]) -> dict[str, dict[str, floa
     return rows
 
 
+def batch_dependence(version_dir: Path, texts: list[str]) -> dict[str, dict[str, float]]:
+    """Whether a text's answer depends on the texts batched with it: each text alone against the
+    same text in consecutive batches of 32. Dynamic int8 quantises activations per batch."""
+    import numpy as np
+
+    from adapters.serving.registry import ModelRegistry
+    from adapters.serving.runtime import OnnxClassifier
+    from adapters.serving.variants import Int8Gate, choose_variant
+
+    manifest = ModelRegistry(version_dir.parent.parent).get(version_dir.name).manifest
+    rows = {}
+    for precision in ("fp32", "int8"):
+        classifier = OnnxClassifier(
+            version_dir, 2, choose_variant(manifest, precision, Int8Gate()))
+        batched = np.concatenate([classifier.predict(texts[i : i + 32]).probabilities
+                                  for i in range(0, len(texts), 32)])
+        alone = np.concatenate([classifier.predict([t]).probabilities for t in texts])
+        label = batched.argmax(axis=1)
+        moved = np.abs(batched.max(axis=1) - alone[np.arange(len(texts)), label])
+        rows[precision] = {
+            "texts": len(texts),
+            "labels_changed": int(np.sum(label != alone.argmax(axis=1))),
+            "confidence_change_median": float(np.median(moved)),
+            "confidence_change_max": float(moved.max()),
+        }
+        log(f"  {precision}: {rows[precision]}")
+    return rows
+
+
 def serve_once(version_dir: Path, precision: str, bodies: Path, seconds: int) -> dict:
     from tests.servers import ServiceProcess, copy_registry
 
@@ -183,6 +212,8 @@ def main() -> None:
                         help="build the int8 models with this quantisation recipe only "
                         "(default: chosen on validation, as refit train does)")
     parser.add_argument("--save-as", default="int8_compare")
+    parser.add_argument("--batch-dependence-only", action="store_true",
+                        help="only measure how answers depend on batch-mates, then stop")
     args = parser.parse_args()
     shared = require_shared()
 
@@ -213,6 +244,11 @@ def main() -> None:
     texts = read_texts(shared / "banking77" / "test.jsonl")
     random.Random(0).shuffle(texts)
     version_dir = versions["banking77"].path
+    log("batch dependence: 400 banking77 test texts, alone and in batches of 32")
+    dependence = batch_dependence(version_dir, texts[:400])
+    if args.batch_dependence_only:
+        print(dependence)
+        return
     log("raw onnxruntime, batch 32, 1 thread (banking77 test texts)")
     raw = raw_batch32(version_dir, texts[:1024])
 
@@ -244,6 +280,7 @@ def main() -> None:
                                  for r in runs)
             for i, p in enumerate(("fp32", "int8"))
         },
+        "batch_dependence": dependence,
         "raw_batch32": raw,
         "raw_batch32_speedup": round(raw["int8"]["items_per_s"] / raw["fp32"]["items_per_s"], 3),
         "accuracy": accuracy,
