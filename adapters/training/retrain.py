@@ -95,6 +95,7 @@ class JobReporter:
         mapped = {
             "loading": "training", "embedding": "training", "searching": "training",
             "training": "training", "fine-tuning": "training", "exporting": "exporting",
+            "quantizing": "exporting",
             "evaluating": "evaluating", "registering": "exporting", "promoting": "promoting",
         }.get(name, name)
         self.phase_name = mapped
