@@ -89,6 +89,9 @@ def test_train_json_evaluate_models_promote(tmp_path, demo_data_path):
     assert 0 < summary["metrics"]["macro_f1"] <= 1.0
     assert summary["train_seconds"] > 0
     assert "exporting" in proc.stderr  # progress went to stderr, not into the JSON
+    int8 = summary["int8"]  # the int8 model's check, and what quantising and checking took
+    assert isinstance(int8["passed"], bool) and int8["seconds"] > 0 and 0 < int8["size_mb"] < 40
+    assert "quantizing int8 model" in proc.stderr
 
     proc = run_cli(
         "train",
