@@ -70,6 +70,9 @@ class RefitSettings(BaseSettings):
     truncates to its maximum token length."""
     max_body_bytes: int = Field(1_048_576, ge=1024)
     """Largest request body accepted; larger bodies get 413."""
+    inference_model_name: str = Field("refit", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    """The model's name on the Open Inference Protocol (v2) endpoints: ``/v2/models/<name>/...``
+    (its versions are the registry's, ``v1``, ``v2``, ...)."""
     batch_max_size: int = Field(64, ge=2, le=1024)
     """Most texts the adaptive batcher puts into one inference call."""
     keepalive_requests: int = Field(100, ge=0)

@@ -53,9 +53,11 @@ from refit.errors import (
 )
 from refit.logs import configure_logging
 from refit.settings import RefitSettings, load_settings
+from service import inference_protocol
 from service.access import RateLimiter, RoleGuard, admin_guard, feedback_guard
 from service.composition import build_data_plane, freeze_heap
 from service.dataplane import DataPlane
+from service.inference_protocol import InferenceProtocol
 from service.openapi import Operation, Parameter, openapi_document
 from service.schemas import (
     MAX_ID,
@@ -172,6 +174,20 @@ async def read_json(request: Request, model: type[Model], limit: int) -> Model:
             f"expected content-type application/json, got {media_type or 'none'!r}",
             field="content-type",
         )
+    body = await read_body(request, limit)
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False, include_context=False)
+        if any(e["type"] == "json_invalid" for e in errors):
+            raise BadRequestError(
+                f"body is not valid JSON: {errors[0]['msg']}", field="body"
+            ) from None
+        raise invalid_input(errors) from None
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, of any media type: 413 when larger than ``limit`` bytes."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(f"body of {declared} bytes exceeds the {limit}-byte limit")
@@ -185,16 +201,7 @@ async def read_json(request: Request, model: type[Model], limit: int) -> Model:
             chunks.append(chunk)
     except ClientDisconnect:
         raise BadRequestError("client disconnected while sending the body") from None
-    body = b"".join(chunks)
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as exc:
-        errors = exc.errors(include_url=False, include_input=False, include_context=False)
-        if any(e["type"] == "json_invalid" for e in errors):
-            raise BadRequestError(
-                f"body is not valid JSON: {errors[0]['msg']}", field="body"
-            ) from None
-        raise invalid_input(errors) from None
+    return b"".join(chunks)
 
 
 def read_query(request: Request, model: type[Model]) -> Model:
@@ -258,6 +265,7 @@ class Api:
         self.endpoints: dict[str, str] = {}
         self.feedback_limit = RateLimiter(settings.feedback_rate_per_minute, 60, "feedback items")
         self.retrain_limit = RateLimiter(settings.retrain_rate_per_hour, 3600, "retrain requests")
+        self.v2 = InferenceProtocol(plane, settings)
 
     async def body(self, request: Request, model: type[Model]) -> Model:
         return await read_json(request, model, self.settings.max_body_bytes)
@@ -340,6 +348,38 @@ class Api:
     async def openapi_json(self, request: Request) -> Response:
         return Response(self.openapi, media_type="application/json")
 
+    # -- the Open Inference Protocol (v2): service/inference_protocol.py --------------------------
+
+    async def v2_server(self, request: Request) -> Response:
+        return protocol_reply(self.v2.server_metadata())
+
+    async def v2_live(self, request: Request) -> Response:
+        return protocol_reply(self.v2.live())
+
+    async def v2_ready(self, request: Request) -> Response:
+        return protocol_reply(self.v2.ready())
+
+    async def v2_model(self, request: Request) -> Response:
+        path = request.path_params
+        return protocol_reply(
+            await self.v2.model_metadata(path["model_name"], path.get("model_version"))
+        )
+
+    async def v2_model_ready(self, request: Request) -> Response:
+        path = request.path_params
+        return protocol_reply(
+            await self.v2.model_ready(path["model_name"], path.get("model_version"))
+        )
+
+    async def v2_infer(self, request: Request) -> Response:
+        path = request.path_params
+        body = await read_body(request, self.settings.max_body_bytes)
+        headers = request.headers
+        return protocol_reply(await self.v2.infer(
+            path["model_name"], path.get("model_version"), body,
+            headers.get(inference_protocol.HEADER_LENGTH), headers.get("content-encoding"),
+        ))
+
     async def docs(self, request: Request) -> Response:
         return Response(DOCS_PAGE, media_type="text/html; charset=utf-8",
                         headers={"content-security-policy": DOCS_POLICY})
@@ -353,6 +393,10 @@ class Api:
             (SWAGGER_DIR / name).read_bytes(), media_type=media_type,
             headers={"cache-control": "public, max-age=86400"},
         )
+
+
+def protocol_reply(reply: inference_protocol.Reply) -> Response:
+    return Response(reply.body, media_type=reply.media_type, headers=reply.headers)
 
 
 def operations(api: Api | None) -> list[Operation]:
@@ -429,6 +473,7 @@ def operations(api: Api | None) -> list[Operation]:
                   errors={404: "No report yet."}),
         Operation("GET", "/metrics", "metrics", "Prometheus metrics", h("metrics"),
                   response_media_type="text/plain", tag="monitoring"),
+        *inference_operations(h),
         Operation("GET", "/livez", "livez", "Liveness probe (served by BentoML)", None,
                   response_media_type="text/plain", tag="probes"),
         Operation("GET", "/readyz", "readyz",
@@ -448,6 +493,56 @@ def operations(api: Api | None) -> list[Operation]:
     ]
 
 
+def inference_operations(h: Callable[[str], Callable[..., Any] | None]) -> list[Operation]:
+    """The Open Inference Protocol's endpoints (service/inference_protocol.py)."""
+    v2 = inference_protocol
+    model = Parameter("model_name", "path", {"type": "string"},
+                      "The model's name (REFIT_INFERENCE_MODEL_NAME).", example="refit")
+    version = Parameter("model_version", "path", {"type": "string"},
+                        "A registry version; only the one loaded answers.", example="v1")
+    header_length = Parameter(
+        "Inference-Header-Content-Length", "header", {"type": "string", "pattern": "^[0-9]+$"},
+        "With binary tensor data: the length of the JSON header that starts the body.",
+    )
+    unknown = {404: "No such model or version."}
+    not_ready = {400: "Not ready (the protocol's answer is a 4xx).", **unknown}
+    infer_errors = {400: "The request cannot run: malformed JSON or binary data, a wrong name, "
+                    "datatype or shape, or a bad text; `field` names the culprit.",
+                    **unknown, 503: "No model is loaded, or not the version asked for."}
+    operations = [
+        Operation("GET", "/v2", "v2_server_metadata", "Open Inference Protocol: server metadata",
+                  h("v2_server"), response=v2.ServerMetadataResponse, tag="inference-v2"),
+        Operation("GET", "/v2/health/live", "v2_live", "Open Inference Protocol: liveness",
+                  h("v2_live"), response=v2.ServerLiveResponse, tag="inference-v2"),
+        Operation("GET", "/v2/health/ready", "v2_ready", "Open Inference Protocol: readiness",
+                  h("v2_ready"), response=v2.ServerReadyResponse, tag="inference-v2",
+                  errors={400: "Not ready (the protocol's answer is a 4xx)."}),
+    ]
+    for prefix, parameters, suffix in (
+        ("/v2/models/{model_name}", (model,), ""),
+        ("/v2/models/{model_name}/versions/{model_version}", (model, version), "_version"),
+    ):
+        what = " of a version" if suffix else ""
+        operations += [
+            Operation("GET", prefix, f"v2_model_metadata{suffix}",
+                      f"Open Inference Protocol: model metadata{what} (inputs, outputs, labels)",
+                      h("v2_model"), response=v2.ModelMetadataResponse, tag="inference-v2",
+                      parameters=parameters,
+                      errors={**unknown, 503: "No model is loaded yet."}),
+            Operation("GET", prefix + "/ready", f"v2_model_ready{suffix}",
+                      f"Open Inference Protocol: model readiness{what}", h("v2_model_ready"),
+                      response=v2.ModelReadyResponse, tag="inference-v2", parameters=parameters,
+                      errors=not_ready),
+            Operation("POST", prefix + "/infer", f"v2_infer{suffix}",
+                      f"Open Inference Protocol: classify texts{what} (JSON or binary tensors)",
+                      h("v2_infer"), v2.InferenceRequest, v2.InferenceResponse,
+                      tag="inference-v2", parameters=(*parameters, header_length),
+                      binary_media_type=v2.BINARY_MEDIA_TYPE, errors=infer_errors,
+                      example=v2.EXAMPLE_REQUEST),
+        ]
+    return operations
+
+
 def api_document(ops: list[Operation], settings: RefitSettings | None = None) -> dict[str, Any]:
     """The OpenAPI document; with ``settings``, the limits they set are stated in it too."""
     document = openapi_document(ops, "refit", __version__, API_DESCRIPTION)
@@ -457,6 +552,13 @@ def api_document(ops: list[Operation], settings: RefitSettings | None = None) ->
         texts["maxItems"] = settings.max_texts_per_request
         texts["items"]["maxLength"] = settings.max_text_chars
         schemas["FeedbackItem"]["properties"]["text"]["maxLength"] = settings.max_text_chars
+        for entries in document["paths"].values():  # the v2 endpoints' model name
+            for entry in entries.values():
+                for parameter in entry.get("parameters", []):
+                    if parameter["name"] == "model_name":
+                        parameter["schema"] = {**parameter["schema"],
+                                               "enum": [settings.inference_model_name]}
+                        parameter["example"] = settings.inference_model_name
     return document
 
 

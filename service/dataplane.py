@@ -27,7 +27,7 @@ from adapters.serving.labels import LabelStatus, label_statuses
 from adapters.serving.registry import ModelRegistry, ModelVersion, Pointer
 from monitoring.drift_job import drift_dir
 from monitoring.metrics import metrics
-from refit.errors import InvalidInputError, NotFoundError
+from refit.errors import InvalidInputError, NotFoundError, NotReadyError
 from refit.jobs import Job, RetrainOptions
 from refit.settings import RefitSettings
 from refit.store import (
@@ -84,6 +84,23 @@ class PredictionBatch:
 
     model_version: str
     predictions: list[PredictionResult]
+
+
+@dataclass(frozen=True)
+class Classification:
+    """What ``classify`` answers: ``predict``'s results as arrays, one row per text, in order,
+    all from one model version (the shape the Open Inference Protocol's tensors take)."""
+
+    model_version: str
+    labels: tuple[str, ...]
+    """The model's labels: the columns of ``probabilities``."""
+    prediction_ids: list[str]
+    served: list[str]
+    """The label served for each text (the feedback memory's, where it answered)."""
+    confidence: np.ndarray
+    """[N] float32: the model's probability of the served label."""
+    probabilities: np.ndarray
+    """[N, C] float32: the model's probability of every label."""
 
 
 @dataclass(frozen=True)
@@ -312,6 +329,59 @@ class DataPlane:
             )
         self.prediction_log.add(records)
         return PredictionBatch(model.version, predictions)
+
+    async def classify(
+        self, texts: list[str], version: str | None = None, field: str = "texts"
+    ) -> Classification:
+        """``predict`` with array results, through the same checks, batcher, metrics and
+        prediction log. With ``version``, only that version may answer: it must be the one this
+        worker has loaded (a version that exists but is not loaded is a 503, an unknown one 404).
+        ``field`` names the texts in errors.
+        """
+        self.check_texts(texts, field)
+        if version is not None:
+            self._require_loaded(version)
+        else:
+            self.holder.require()
+        output, start, stop = await self.batcher.submit(texts)
+        model = output.model
+        if version is not None and model.version != version:  # swapped while queued
+            self._require_loaded(version)
+        labels = model.labels
+        probabilities = output.probabilities[start:stop]
+        confidence = output.confidence[start:stop].astype(np.float32)
+        served = [labels[i] for i in output.predicted[start:stop].tolist()]
+        matches = output.matches
+        if matches is not None:
+            for offset in range(len(texts)):
+                remembered = matches.labels[start + offset]
+                if remembered is not None:
+                    served[offset] = remembered
+                    confidence[offset] = model_probability(
+                        probabilities[offset], labels, remembered
+                    )
+        now = time.time()
+        ids = [new_prediction_id(now) for _ in texts]
+        embeddings = output.embeddings
+        self.prediction_log.add([
+            PredictionRecord(
+                ids[offset], now, model.version, text, served[offset],
+                float(confidence[offset]), embeddings[start + offset].tobytes(),
+            )
+            for offset, text in enumerate(texts)
+        ])
+        return Classification(model.version, labels, ids, served, confidence, probabilities)
+
+    def _require_loaded(self, version: str) -> None:
+        model = self.holder.require()
+        if model.version == version:
+            return
+        self.registry.get(version)  # an unknown version: 404 naming the known ones
+        raise NotReadyError(
+            f"model version {version!r} exists but is not loaded: this worker serves "
+            f"{model.version!r}, the registry's current version (promote {version!r} to serve it)",
+            field="version",
+        )
 
     # -- feedback --------------------------------------------------------------------------------
 
