@@ -12,7 +12,6 @@ import json
 import re
 import shutil
 
-import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
