@@ -364,3 +364,15 @@ def test_paths_and_methods(http):
     long_version = http.post(f"/v2/models/{MODEL}/versions/{'v' * 3000}/infer",
                              json=json_input(["a"]))
     assert long_version.status_code == 404 and len(long_version.text) < 500
+
+
+def test_the_readme_example_runs_as_written(server, labels):
+    from tests.readme_walkthrough import ROOT, section
+
+    text = section((ROOT / "README.md").read_text(), "Open Inference Protocol")
+    code = re.search(r"```python\n(.*?)```", text, re.DOTALL).group(1)
+    namespace: dict = {}
+    exec(code.replace("localhost:3000", server.url.removeprefix("http://")), namespace)
+    assert namespace["labels"] == labels
+    assert namespace["result"].as_numpy("probabilities").shape == (2, len(labels))
+    assert decoded(namespace["result"].as_numpy("label"))[1] == "cancel_order"
