@@ -498,7 +498,7 @@ def inference_operations(h: Callable[[str], Callable[..., Any] | None]) -> list[
     v2 = inference_protocol
     model = Parameter("model_name", "path", {"type": "string"},
                       "The model's name (REFIT_INFERENCE_MODEL_NAME).", example="refit")
-    version = Parameter("model_version", "path", {"type": "string"},
+    version = Parameter("model_version", "path", {"type": "string", "pattern": "^v[0-9]{1,9}$"},
                         "A registry version; only the one loaded answers.", example="v1")
     header_length = Parameter(
         "Inference-Header-Content-Length", "header", {"type": "string", "pattern": "^[0-9]+$"},
@@ -552,6 +552,9 @@ def api_document(ops: list[Operation], settings: RefitSettings | None = None) ->
         texts["maxItems"] = settings.max_texts_per_request
         texts["items"]["maxLength"] = settings.max_text_chars
         schemas["FeedbackItem"]["properties"]["text"]["maxLength"] = settings.max_text_chars
+        v2_input = schemas["RequestInput"]["properties"]
+        v2_input["shape"]["prefixItems"][0]["maximum"] = settings.max_texts_per_request
+        v2_input["data"]["items"]["maxLength"] = settings.max_text_chars
         for entries in document["paths"].values():  # the v2 endpoints' model name
             for entry in entries.values():
                 for parameter in entry.get("parameters", []):

@@ -44,6 +44,7 @@ from refit.errors import (
     UnsupportedMediaTypeError,
 )
 from refit.settings import RefitSettings
+from refit.text import TEXT_PATTERN
 from service.dataplane import Classification, DataPlane
 
 INPUT_NAME = "text"
@@ -69,22 +70,30 @@ class _Wire(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+# The document states what the code checks (and the code's messages are clearer than a schema's);
+# one rule it cannot state: ``data`` (or the binary data) holds as many texts as ``shape`` says.
 class RequestInput(_Wire):
-    name: StrictStr = Field(description=f"The input's name: `{INPUT_NAME}`.")
-    shape: list[StrictInt] = Field(max_length=_MAX_DIMS, description="`[N]` or `[N, 1]`.")
-    datatype: StrictStr = Field(description="`BYTES`.")
+    name: StrictStr = Field(description=f"The input's name: `{INPUT_NAME}`.",
+                            json_schema_extra={"enum": [INPUT_NAME]})
+    shape: list[StrictInt] = Field(
+        max_length=_MAX_DIMS, description="`[N]` or `[N, 1]`.",
+        json_schema_extra={"minItems": 1, "maxItems": 2, "prefixItems": [
+            {"type": "integer", "minimum": 1}, {"type": "integer", "enum": [1]}]},
+    )
+    datatype: StrictStr = Field(description="`BYTES`.", json_schema_extra={"enum": ["BYTES"]})
     parameters: dict[str, Any] | None = Field(
         None, description="`binary_data_size`: the tensor's bytes after the JSON header."
     )
     data: list[Any] | None = Field(
         None, description="The texts (flat, or nested as `[[text], ...]` for shape `[N, 1]`); "
         "absent when the tensor comes as binary data.",
+        json_schema_extra={"items": {"type": "string", "pattern": TEXT_PATTERN}},
     )
 
 
 class RequestOutput(_Wire):
     name: StrictStr = Field(description="One of `label`, `confidence`, `probabilities`, "
-                            "`prediction_id`.")
+                            "`prediction_id`.", json_schema_extra={"enum": list(OUTPUT_TYPES)})
     parameters: dict[str, Any] | None = Field(
         None, description="`binary_data`: send this output as binary data."
     )
@@ -95,7 +104,8 @@ class InferenceRequest(_Wire):
     parameters: dict[str, Any] | None = Field(
         None, description="`binary_data_output`: send every output as binary data by default."
     )
-    inputs: list[RequestInput] = Field(max_length=16, description="One input: `text`.")
+    inputs: list[RequestInput] = Field(max_length=16, description="One input: `text`.",
+                                       json_schema_extra={"minItems": 1, "maxItems": 1})
     outputs: list[RequestOutput] | None = Field(
         None, max_length=16, description="The outputs wanted (default: all four).",
     )
