@@ -58,6 +58,7 @@ from service.access import RateLimiter, RoleGuard, admin_guard, feedback_guard
 from service.composition import build_data_plane, freeze_heap
 from service.dataplane import DataPlane
 from service.inference_protocol import InferenceProtocol
+from service.jobs import JOB_ID
 from service.openapi import Operation, Parameter, openapi_document
 from service.schemas import (
     MAX_ID,
@@ -407,7 +408,10 @@ def operations(api: Api | None) -> list[Operation]:
         return getattr(api, name) if api is not None else None
 
     not_ready = {503: "No model is loaded yet."}
-    job_id = Parameter("job_id", "path", {"type": "string", "maxLength": 64}, "A retrain job's id.",
+    # Path parameters state their exact form: BentoML's own router answers a path holding a line
+    # break with a plain-text 404 before our app sees it.
+    job_id = Parameter("job_id", "path", {"type": "string", "pattern": f"^{JOB_ID.pattern}$"},
+                       "A retrain job's id.",
                        example="job-20261123-180000-a1b2c3")
     feedback_id = Parameter(
         "feedback_id", "path", {"type": "integer", "minimum": 1, "maximum": MAX_ID},
@@ -488,7 +492,8 @@ def operations(api: Api | None) -> list[Operation]:
                   h("docs"), response_media_type="text/html", tag="docs"),
         Operation("GET", "/docs/{asset}", "docs_asset", "Swagger UI's static files",
                   h("docs_asset"), response_media_type="application/octet-stream", tag="docs",
-                  parameters=(Parameter("asset", "path", {"type": "string"}),),
+                  parameters=(Parameter("asset", "path",
+                                        {"type": "string", "pattern": "^[^\n]+$"}),),
                   errors={404: "No such file."}),
     ]
 
