@@ -15,6 +15,12 @@ Rounds interleave the modes, so a change in the shared machine's load hits them 
 figure is the median over rounds of the server process tree's CPU seconds per prediction
 (bench/common.py), and its ratio to ``predict``'s.
 
+Under load the encoder dominates and a shared machine's noise is several percent, so the script
+also measures, in-process, the part that differs: each endpoint's parse, data-plane call and
+render, one text per request, sequentially, on the real data plane (batcher, prediction log to
+SQLite, metrics) over the tests' tiny toy ONNX model (tests/fixtures.py), so that everything but
+the encoder and HTTP is what is timed (CPU of the whole process, µs per request).
+
     .venv/bin/python bench/v2_overhead.py [--version-dir DIR] [--rounds 3] [--seconds 10]
 
 Without ``--version-dir`` it trains the demo model (data/demo, 10 labels, no search) first.
@@ -82,6 +88,57 @@ def check(url: str, mode: str, body: tuple[int, bytes]) -> None:
         assert len(response.json()["outputs"]) == 4
 
 
+def in_process(texts: list[str], workdir: Path, rounds: int, requests: int) -> dict[str, float]:
+    """Median µs of process CPU per request of each mode, over interleaved rounds."""
+    import asyncio
+    import time
+
+    from adapters.serving.registry import ModelRegistry
+    from refit.settings import load_settings
+    from service.composition import build_data_plane
+    from service.inference_protocol import InferenceProtocol
+    from service.schemas import PredictRequest, PredictResponse
+    from tests.fixtures import write_toy_version
+
+    registry = ModelRegistry(workdir / "toy-registry")
+    write_toy_version(registry)
+    settings = load_settings(registry_path=registry.root, data_dir=workdir / "toy-var")
+    plane = build_data_plane(settings, run_drift_job=False)
+    plane.start_blocking()
+    protocol = InferenceProtocol(plane, settings)
+    bodies = {mode: bodies_for(mode, texts[:requests]) for mode in MODES}
+
+    async def predict(body: bytes) -> bytes:
+        request = PredictRequest.model_validate_json(body)
+        batch = await plane.predict(request.texts)
+        return PredictResponse.from_batch(batch).model_dump_json().encode()
+
+    async def infer(body: bytes, length: int) -> bytes:
+        reply = await protocol.infer("refit", None, body, str(length) if length else None)
+        return reply.body
+
+    async def run(mode: str) -> float:
+        started = time.process_time()
+        for length, body in bodies[mode]:
+            await (predict(body) if mode == "predict" else infer(body, length))
+        return 1e6 * (time.process_time() - started) / len(bodies[mode])
+
+    async def measure() -> dict[str, list[float]]:
+        for mode in MODES:  # warm-up
+            await run(mode)
+        found: dict[str, list[float]] = {mode: [] for mode in MODES}
+        for _ in range(rounds):
+            for mode in MODES:
+                found[mode].append(await run(mode))
+        return found
+
+    try:
+        found = asyncio.run(measure())
+    finally:
+        plane.stop_blocking()
+    return {mode: statistics.median(values) for mode, values in found.items()}
+
+
 def demo_version(workdir: Path) -> Path:
     registry = workdir / "demo-registry"
     subprocess.run(
@@ -99,6 +156,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--concurrency", type=int, action="append")
+    parser.add_argument("--in-process-requests", type=int, default=1000)
     parser.add_argument("--save-as", default="v2_overhead")
     args = parser.parse_args()
     concurrencies = args.concurrency or [32]
@@ -111,6 +169,12 @@ def main() -> None:
              for mode in MODES}
     script = ROOT / "bench" / "bodies.lua"
     url = f"http://127.0.0.1:{PORT}"
+
+    print("in-process: parse + data plane + render, toy model", file=sys.stderr)
+    micro = in_process(texts, workdir, max(args.rounds, 5), args.in_process_requests)
+    for mode, value in micro.items():
+        print(f"  {mode:<9} {value:7.1f} µs CPU/request  ({value / micro['predict']:.3f} of "
+              "predict)", file=sys.stderr)
 
     server = serve_refit(version_dir, workdir, PORT)
     runs: list[dict] = []
@@ -163,7 +227,13 @@ def main() -> None:
         print(f"| {row['concurrency']} | {row['mode']} | {row['cpu_ms_per_prediction']:.3f} | "
               f"{row['cpu_vs_predict']:.3f} | {row['throughput']:.1f} | "
               f"{row['throughput_vs_predict']:.3f} | {row['p99_ms']:.1f} | {row['errors']} |")
-    save(args.save_as, {"runs": runs, "summary": summary, "version_dir": str(version_dir)})
+    print("\nin-process, median µs of CPU per request (parse + data plane + render, toy model):")
+    print("| mode | µs CPU/request | vs /predict |")
+    print("|---|---|---|")
+    for mode, value in micro.items():
+        print(f"| {mode} | {value:.1f} | {value / micro['predict']:.3f} |")
+    save(args.save_as, {"runs": runs, "summary": summary, "in_process_us": micro,
+                        "version_dir": str(version_dir)})
 
 
 if __name__ == "__main__":
