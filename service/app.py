@@ -477,7 +477,7 @@ def operations(api: Api | None) -> list[Operation]:
                   errors={404: "No report yet."}),
         Operation("GET", "/metrics", "metrics", "Prometheus metrics", h("metrics"),
                   response_media_type="text/plain", tag="monitoring"),
-        *inference_operations(h),
+        *inference_protocol.operations(h),
         Operation("GET", "/livez", "livez", "Liveness probe (served by BentoML)", None,
                   response_media_type="text/plain", tag="probes"),
         Operation("GET", "/readyz", "readyz",
@@ -498,56 +498,6 @@ def operations(api: Api | None) -> list[Operation]:
     ]
 
 
-def inference_operations(h: Callable[[str], Callable[..., Any] | None]) -> list[Operation]:
-    """The Open Inference Protocol's endpoints (service/inference_protocol.py)."""
-    v2 = inference_protocol
-    model = Parameter("model_name", "path", {"type": "string"},
-                      "The model's name (REFIT_INFERENCE_MODEL_NAME).", example="refit")
-    version = Parameter("model_version", "path", {"type": "string", "pattern": "^v[0-9]{1,9}$"},
-                        "A registry version; only the one loaded answers.", example="v1")
-    header_length = Parameter(
-        "Inference-Header-Content-Length", "header", {"type": "string", "pattern": "^[0-9]+$"},
-        "With binary tensor data: the length of the JSON header that starts the body.",
-    )
-    unknown = {404: "No such model or version."}
-    not_ready = {400: "Not ready (the protocol's answer is a 4xx).", **unknown}
-    infer_errors = {400: "The request cannot run: malformed JSON or binary data, a wrong name, "
-                    "datatype or shape, or a bad text; `field` names the culprit.",
-                    **unknown, 503: "No model is loaded, or not the version asked for."}
-    operations = [
-        Operation("GET", "/v2", "v2_server_metadata", "Open Inference Protocol: server metadata",
-                  h("v2_server"), response=v2.ServerMetadataResponse, tag="inference-v2"),
-        Operation("GET", "/v2/health/live", "v2_live", "Open Inference Protocol: liveness",
-                  h("v2_live"), response=v2.ServerLiveResponse, tag="inference-v2"),
-        Operation("GET", "/v2/health/ready", "v2_ready", "Open Inference Protocol: readiness",
-                  h("v2_ready"), response=v2.ServerReadyResponse, tag="inference-v2",
-                  errors={400: "Not ready (the protocol's answer is a 4xx)."}),
-    ]
-    for prefix, parameters, suffix in (
-        ("/v2/models/{model_name}", (model,), ""),
-        ("/v2/models/{model_name}/versions/{model_version}", (model, version), "_version"),
-    ):
-        what = " of a version" if suffix else ""
-        operations += [
-            Operation("GET", prefix, f"v2_model_metadata{suffix}",
-                      f"Open Inference Protocol: model metadata{what} (inputs, outputs, labels)",
-                      h("v2_model"), response=v2.ModelMetadataResponse, tag="inference-v2",
-                      parameters=parameters,
-                      errors={**unknown, 503: "No model is loaded yet."}),
-            Operation("GET", prefix + "/ready", f"v2_model_ready{suffix}",
-                      f"Open Inference Protocol: model readiness{what}", h("v2_model_ready"),
-                      response=v2.ModelReadyResponse, tag="inference-v2", parameters=parameters,
-                      errors=not_ready),
-            Operation("POST", prefix + "/infer", f"v2_infer{suffix}",
-                      f"Open Inference Protocol: classify texts{what} (JSON or binary tensors)",
-                      h("v2_infer"), v2.InferenceRequest, v2.InferenceResponse,
-                      tag="inference-v2", parameters=(*parameters, header_length),
-                      binary_media_type=v2.BINARY_MEDIA_TYPE, errors=infer_errors,
-                      example=v2.EXAMPLE_REQUEST),
-        ]
-    return operations
-
-
 def api_document(ops: list[Operation], settings: RefitSettings | None = None) -> dict[str, Any]:
     """The OpenAPI document; with ``settings``, the limits they set are stated in it too."""
     document = openapi_document(ops, "refit", __version__, API_DESCRIPTION)
@@ -557,16 +507,7 @@ def api_document(ops: list[Operation], settings: RefitSettings | None = None) ->
         texts["maxItems"] = settings.max_texts_per_request
         texts["items"]["maxLength"] = settings.max_text_chars
         schemas["FeedbackItem"]["properties"]["text"]["maxLength"] = settings.max_text_chars
-        v2_input = schemas["RequestInput"]["properties"]
-        v2_input["shape"]["prefixItems"][0]["maximum"] = settings.max_texts_per_request
-        v2_input["data"]["items"]["maxLength"] = settings.max_text_chars
-        for entries in document["paths"].values():  # the v2 endpoints' model name
-            for entry in entries.values():
-                for parameter in entry.get("parameters", []):
-                    if parameter["name"] == "model_name":
-                        parameter["schema"] = {**parameter["schema"],
-                                               "enum": [settings.inference_model_name]}
-                        parameter["example"] = settings.inference_model_name
+        inference_protocol.state_limits(document, settings)
     return document
 
 

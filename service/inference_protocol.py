@@ -16,7 +16,8 @@ that way when its ``binary_data`` parameter (or the request's ``binary_data_outp
 A ``BYTES`` element in binary form is a 4-byte little-endian length and then that many bytes.
 
 Nothing here knows the web framework: ``service/app.py`` hands over the path's names, the body
-and two headers, and sends back the :class:`Reply`. Every failure is a
+and two headers, and sends back the :class:`Reply`; its route table takes the endpoints from
+:func:`operations`. Every failure is a
 :class:`~refit.errors.RefitError`, rendered as ``{"error": ...}`` with the protocol's status: 400
 for a request it cannot run (the protocol has no 422), 404 for an unknown model or version, 413
 for an oversized body, 503 when the model (or the version asked for) is not loaded.
@@ -27,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import re
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +48,7 @@ from refit.errors import (
 from refit.settings import RefitSettings
 from refit.text import TEXT_PATTERN
 from service.dataplane import Classification, DataPlane
+from service.openapi import Operation, Parameter
 
 INPUT_NAME = "text"
 OUTPUT_TYPES = {"label": "BYTES", "confidence": "FP32", "probabilities": "FP32",
@@ -569,3 +572,70 @@ class InferenceProtocol:
                 field="inputs[0].parameters.binary_data_size",
             )
         return binary_texts(binary, count)
+
+
+# -- the endpoints, for the route table and the OpenAPI document -----------------------------------
+
+
+def operations(h: Callable[[str], Callable[..., Any] | None]) -> list[Operation]:
+    """The protocol's endpoints, for the route table (``service.app.operations``); ``h`` gives
+    the app's handler of a name."""
+    model = Parameter("model_name", "path", {"type": "string"},
+                      "The model's name (REFIT_INFERENCE_MODEL_NAME).", example="refit")
+    version = Parameter("model_version", "path", {"type": "string", "pattern": "^v[0-9]{1,9}$"},
+                        "A registry version; only the one loaded answers.", example="v1")
+    header_length = Parameter(
+        "Inference-Header-Content-Length", "header", {"type": "string", "pattern": "^[0-9]+$"},
+        "With binary tensor data: the length of the JSON header that starts the body.",
+    )
+    unknown = {404: "No such model or version."}
+    not_ready = {400: "Not ready (the protocol's answer is a 4xx).", **unknown}
+    infer_errors = {400: "The request cannot run: malformed JSON or binary data, a wrong name, "
+                    "datatype or shape, or a bad text; `field` names the culprit.",
+                    **unknown, 503: "No model is loaded, or not the version asked for."}
+    operations = [
+        Operation("GET", "/v2", "v2_server_metadata", "Open Inference Protocol: server metadata",
+                  h("v2_server"), response=ServerMetadataResponse, tag="inference-v2"),
+        Operation("GET", "/v2/health/live", "v2_live", "Open Inference Protocol: liveness",
+                  h("v2_live"), response=ServerLiveResponse, tag="inference-v2"),
+        Operation("GET", "/v2/health/ready", "v2_ready", "Open Inference Protocol: readiness",
+                  h("v2_ready"), response=ServerReadyResponse, tag="inference-v2",
+                  errors={400: "Not ready (the protocol's answer is a 4xx)."}),
+    ]
+    for prefix, parameters, suffix in (
+        ("/v2/models/{model_name}", (model,), ""),
+        ("/v2/models/{model_name}/versions/{model_version}", (model, version), "_version"),
+    ):
+        what = " of a version" if suffix else ""
+        operations += [
+            Operation("GET", prefix, f"v2_model_metadata{suffix}",
+                      f"Open Inference Protocol: model metadata{what} (inputs, outputs, labels)",
+                      h("v2_model"), response=ModelMetadataResponse, tag="inference-v2",
+                      parameters=parameters,
+                      errors={**unknown, 503: "No model is loaded yet."}),
+            Operation("GET", prefix + "/ready", f"v2_model_ready{suffix}",
+                      f"Open Inference Protocol: model readiness{what}", h("v2_model_ready"),
+                      response=ModelReadyResponse, tag="inference-v2", parameters=parameters,
+                      errors=not_ready),
+            Operation("POST", prefix + "/infer", f"v2_infer{suffix}",
+                      f"Open Inference Protocol: classify texts{what} (JSON or binary tensors)",
+                      h("v2_infer"), InferenceRequest, InferenceResponse,
+                      tag="inference-v2", parameters=(*parameters, header_length),
+                      binary_media_type=BINARY_MEDIA_TYPE, errors=infer_errors,
+                      example=EXAMPLE_REQUEST),
+        ]
+    return operations
+
+
+def state_limits(document: dict[str, Any], settings: RefitSettings) -> None:
+    """State in ``document`` the limits and the model name that ``settings`` set."""
+    properties = document["components"]["schemas"]["RequestInput"]["properties"]
+    properties["shape"]["prefixItems"][0]["maximum"] = settings.max_texts_per_request
+    properties["data"]["items"]["maxLength"] = settings.max_text_chars
+    for entries in document["paths"].values():
+        for entry in entries.values():
+            for parameter in entry.get("parameters", []):
+                if parameter["name"] == "model_name":
+                    parameter["schema"] = {**parameter["schema"],
+                                           "enum": [settings.inference_model_name]}
+                    parameter["example"] = settings.inference_model_name
