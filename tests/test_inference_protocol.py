@@ -376,3 +376,37 @@ def test_the_readme_example_runs_as_written(server, labels):
     assert namespace["labels"] == labels
     assert namespace["result"].as_numpy("probabilities").shape == (2, len(labels))
     assert decoded(namespace["result"].as_numpy("label"))[1] == "cancel_order"
+
+
+def test_the_openapi_document_describes_what_v2_answers(http):
+    """The nine v2 operations are in /openapi.json, and real answers match their schemas."""
+    from jsonschema import Draft202012Validator
+
+    document = http.get("/openapi.json").json()
+    operations = {(method.upper(), path) for path, entries in document["paths"].items()
+                  for method in entries if path.startswith("/v2")}
+    prefixes = ("/v2/models/{model_name}", "/v2/models/{model_name}/versions/{model_version}")
+    assert operations == {("GET", "/v2"), ("GET", "/v2/health/live"),
+                          ("GET", "/v2/health/ready")} | {
+        (method, prefix + suffix) for prefix in prefixes
+        for method, suffix in (("GET", ""), ("GET", "/ready"), ("POST", "/infer"))}
+    infer = document["paths"]["/v2/models/{model_name}/infer"]["post"]
+    assert set(infer["requestBody"]["content"]) == {"application/json", "application/octet-stream"}
+    assert set(infer["responses"]["200"]["content"]) == {"application/json",
+                                                         "application/octet-stream"}
+
+    def valid(schema_name: str, body: object) -> None:
+        schema = {**document, "$ref": f"#/components/schemas/{schema_name}"}
+        Draft202012Validator(schema).validate(body)
+
+    valid("ServerMetadataResponse", http.get("/v2").json())
+    valid("ModelMetadataResponse", http.get(f"/v2/models/{MODEL}").json())
+    valid("ModelReadyResponse", http.get(f"/v2/models/{MODEL}/ready").json())
+    example = infer["requestBody"]["content"]["application/json"]["examples"]["example"]["value"]
+    valid("InferenceRequest", example)
+    answer = http.post(f"/v2/models/{MODEL}/infer", json=example)
+    assert answer.status_code == 200, answer.text
+    valid("InferenceResponse", answer.json())
+    assert answer.json()["id"] == example["id"]
+    error = http.post(f"/v2/models/{MODEL}/infer", json={"inputs": []})
+    valid("ErrorResponse", error.json())
