@@ -5,7 +5,8 @@ classifier as a model named ``REFIT_INFERENCE_MODEL_NAME`` ("refit" by default) 
 the registry's (``v1``, ``v2``, ...):
 
 - input ``text``: a ``BYTES`` tensor of texts, shape ``[N]`` or ``[N, 1]``;
-- outputs ``label`` (``BYTES`` ``[N]``), ``confidence`` (``FP32`` ``[N]``), ``probabilities``
+- outputs ``label`` (``BYTES`` ``[N]``, what ``/predict`` serves: the feedback memory's label where
+  it answers), ``confidence`` (``FP32`` ``[N]``), ``probabilities``
   (``FP32`` ``[N, C]``, its columns named by the ``labels`` parameter of that output in the
   model's metadata) and ``prediction_id`` (``BYTES`` ``[N]``: give it to ``/feedback``).
 
