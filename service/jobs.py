@@ -8,7 +8,7 @@ promote). The job writes its own progress to the store, and renews a heartbeat t
 store enforces it), starts the process, and marks the job failed if the process dies without
 saying so: at once when the worker that started it sees it exit; when anyone on the same instance
 next reads the job and finds its process gone; and, from any replica, when its heartbeat is older
-than ``REFIT_LEASE_TIMEOUT_S`` (its replica vanished, or its process hangs).
+than ``REFIT_LEASE_TIMEOUT_S`` (its replica vanished).
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ class RetrainJobs:
             # here), and on this one too in case the pid was reused after a restart.
             error = (
                 f"the training process on {job.host or 'another instance'} stopped sending its "
-                f"heartbeat {now - job.updated_at:.0f}s ago (its replica is gone, or it hangs)"
+                f"heartbeat {now - job.updated_at:.0f}s ago (its replica is gone)"
             )
         elif job.pid is None and now - job.created_at > NEVER_STARTED_AFTER_S:
             error = "the training process never started"

@@ -264,6 +264,8 @@ def test_a_retrain_reaches_both_replicas_within_5s_and_no_request_fails(cluster)
 
         converged = wait_for(everywhere, 30, 0.1, f"every worker of both replicas on {version}")
         time.sleep(2)  # keep the load on a little after the swap
+    print(f"\nboth replicas on {version} {converged - promoted_at:.2f}s after the promotion; "
+          f"{load.answered} requests through the balancer, {len(load.failures)} failed")
     assert converged - promoted_at <= 5.0, f"{converged - promoted_at:.1f}s after the promotion"
     assert load.failures == [], load.failures[:5]
     assert load.answered > 50 and version in load.versions
@@ -278,6 +280,8 @@ def test_a_rolling_restart_under_load_fails_no_request(cluster):
             cluster.restart(name)  # SIGTERM, then a fresh process once it exited
             balancer.enable(name)  # traffic again once /readyz passes the health check
             time.sleep(1)
+    print(f"\nrolling restart: {load.answered} requests through the balancer, "
+          f"{len(load.failures)} failed")
     assert load.failures == [], load.failures[:5]
     assert load.answered > 50
     # Still exactly one drift job after both replicas restarted.
@@ -318,6 +322,9 @@ def test_sigkill_of_the_replica_running_a_retrain(cluster):
         wait_for(lambda: cluster.drift_jobs() == {doomed: 0, alive: 1},
                  max(0.5, 30 - (time.monotonic() - killed_at)), 0.5,
                  "the drift job to move to the survivor")
+        moved = time.monotonic() - killed_at
+        print(f"\nSIGKILL: job failed {noticed:.1f}s and the drift job moved {moved:.1f}s after "
+              "the kill")
         # The balancer sends everything to the survivor.
         wait_for(lambda: cluster.balancer.up() == {alive}, 10, 0.2,
                  "haproxy to mark the dead replica down")
