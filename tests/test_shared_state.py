@@ -23,7 +23,7 @@ from refit.leases import LeaseStore
 from refit.settings import load_settings
 from refit.store import Store
 from service.jobs import RetrainJobs
-from tests.servers import PrivatePostgres
+from tests.servers import PrivatePostgres, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -192,3 +192,42 @@ def test_a_staging_folder_names_its_writer_host(tmp_path):
         key, pid, _ = staged.path.name.split("-")
         assert key == host_key() and pid == str(os.getpid())
         assert registry.cleanup() == []  # its own writer is alive
+
+
+# -- the leader runs the drift job, and stops it when it loses the lease --------------------------
+
+
+def test_a_leader_that_loses_its_lease_stops_its_drift_job(tmp_path, toy_registry, monkeypatch):
+    from monitoring.leader import MonitorLeader
+    from refit.processes import pid_alive
+
+    url = f"sqlite:///{tmp_path / 'refit.db'}"
+    # The drift job reads the same environment as the server that starts it.
+    monkeypatch.setenv("REFIT_DATABASE_URL", url)
+    monkeypatch.setenv("REFIT_REGISTRY_PATH", str(toy_registry.root))
+    monkeypatch.setenv("REFIT_DATA_DIR", str(tmp_path / "var"))
+    leases = LeaseStore(replica(url).engine)
+    leaders = [
+        MonitorLeader(tmp_path / name, LeaseElection(leases, name, heartbeat_s=0.3, timeout_s=5))
+        for name in ("pod-a", "pod-b")
+    ]
+    leaders[0].start()
+    first = wait_for(lambda: leaders[0]._process, 10, 0.1, "pod-a's drift job")
+    leaders[1].start()
+    try:
+        time.sleep(1.5)
+        assert leaders[1]._process is None and leases.holder("drift-job").startswith("pod-a:")
+        # pod-a's renewals were late and pod-b's election took the lease over.
+        with leases.engine.begin() as conn:
+            conn.exec_driver_sql(
+                "UPDATE refit_leases SET holder = ?, expires_at = expires_at + 60",
+                (leaders[1].election.holder,),
+            )
+        second = wait_for(lambda: leaders[1]._process, 10, 0.1, "pod-b's drift job")
+        wait_for(lambda: not pid_alive(first.pid), 15, 0.1, "pod-a's drift job to stop")
+        assert leaders[0]._process is None and pid_alive(second.pid)
+    finally:
+        for leader in leaders:
+            leader.stop()
+    assert not pid_alive(second.pid)
+    assert leases.holder("drift-job") is None  # a clean stop released it
