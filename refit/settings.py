@@ -160,6 +160,20 @@ class RefitSettings(BaseSettings):
     online_accuracy_window: int = Field(500, ge=10)
     """Feedback on logged predictions that online accuracy is computed over."""
 
+    # -- several replicas sharing one store and one registry -------------------------------------
+    instance_name: str | None = None
+    """This replica's name in records other replicas read (retrain jobs, the drift job's lease);
+    unset: the host name, which in Kubernetes is the pod's name."""
+    heartbeat_interval_s: float = Field(5.0, gt=0, le=60)
+    """How often a running retrain job and the leader of the drift job renew their heartbeat in
+    the store."""
+    lease_timeout_s: float = Field(20.0, ge=2, le=600)
+    """A retrain job or drift-job leader on another replica that has not renewed its heartbeat for
+    this long is presumed dead: the job shows `failed` and another replica takes over."""
+    staging_stale_after_s: float = Field(3600.0, ge=60)
+    """A folder in the registry's staging area that another host has not written to for this long
+    is presumed abandoned and removed (a host's own dead writers are removed at once)."""
+
     # -- logging ----------------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Level of refit's own log messages (the ``refit.*`` loggers) in the serving workers, the
@@ -187,6 +201,11 @@ class RefitSettings(BaseSettings):
     def _consistent(self) -> RefitSettings:
         if self.drift_min_window > self.drift_window:
             raise ValueError("REFIT_DRIFT_MIN_WINDOW must not exceed REFIT_DRIFT_WINDOW")
+        if self.lease_timeout_s < 2 * self.heartbeat_interval_s:
+            raise ValueError(
+                "REFIT_LEASE_TIMEOUT_S must be at least twice REFIT_HEARTBEAT_INTERVAL_S, so one "
+                "late heartbeat does not declare a live job dead"
+            )
         return self
 
     @property

@@ -620,6 +620,31 @@ class Store:
         with self.engine.begin() as conn:
             conn.execute(update(retrain_jobs).where(retrain_jobs.c.id == job_id).values(**values))
 
+    def heartbeat_job(self, job_id: str) -> bool:
+        """Renew a running job's heartbeat (its ``updated_at``); ``False`` if the job is no longer
+        running (it ended, or another replica declared it dead)."""
+        with self.engine.begin() as conn:
+            renewed = conn.execute(
+                update(retrain_jobs)
+                .where(retrain_jobs.c.id == job_id, retrain_jobs.c.running == 1)
+                .values(updated_at=time.time())
+            ).rowcount
+        return bool(renewed)
+
+    def fail_running_job(self, job_id: str, seen_updated_at: float, error: str) -> bool:
+        """Mark a running job failed, unless it changed since it was read with ``updated_at ==
+        seen_updated_at`` (a heartbeat arrived in between); whether it was marked."""
+        with self.engine.begin() as conn:
+            marked = conn.execute(
+                update(retrain_jobs)
+                .where(
+                    retrain_jobs.c.id == job_id, retrain_jobs.c.running == 1,
+                    retrain_jobs.c.updated_at == seen_updated_at,
+                )
+                .values(phase="failed", running=None, error=error, updated_at=time.time())
+            ).rowcount
+        return bool(marked)
+
     def get_job(self, job_id: str) -> Job:
         with self.engine.connect() as conn:
             row = conn.execute(select(retrain_jobs).where(retrain_jobs.c.id == job_id)).first()

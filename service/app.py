@@ -329,10 +329,10 @@ class Api:
         return json_response(RetrainJobList(jobs=[RetrainJob.from_job(job) for job in jobs]))
 
     async def drift(self, request: Request) -> Response:
-        return json_response(DriftResponse.model_validate(self.plane.drift()))
+        return json_response(DriftResponse.model_validate(await self.plane.drift()))
 
     async def drift_report(self, request: Request) -> Response:
-        body, policy = self.plane.drift_report()
+        body, policy = await self.plane.drift_report()
         return Response(body, media_type="text/html; charset=utf-8",
                         headers={"content-security-policy": policy})
 

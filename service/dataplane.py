@@ -9,7 +9,6 @@ Everything that blocks (the store, the registry) runs on a thread, never on the 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import socket
@@ -25,7 +24,7 @@ import numpy as np
 from adapters.serving.data import read_jsonl
 from adapters.serving.labels import LabelStatus, label_statuses
 from adapters.serving.registry import ModelRegistry, ModelVersion, Pointer
-from monitoring.drift_job import drift_dir
+from monitoring.drift_store import DriftResultStore
 from monitoring.metrics import metrics
 from refit.errors import InvalidInputError, NotFoundError, NotReadyError
 from refit.jobs import Job, RetrainOptions
@@ -234,7 +233,8 @@ class DataPlane:
         self.memory = memory
         """The feedback memory (``None`` when ``memory_enabled`` is off)."""
         self.started_at = time.time()
-        self._report_cache: tuple[tuple[int, int], bytes, str] | None = None
+        self.drift_results = DriftResultStore(store.engine)
+        self._report_cache: tuple[float, bytes, str] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -245,7 +245,7 @@ class DataPlane:
         """Start the parts' threads and load the current version (before reporting ready)."""
         self.prediction_log.start()
         self.jobs.reconcile()
-        self.registry.cleanup()
+        self.registry.cleanup(self.settings.staging_stale_after_s)
         self.holder.sync()  # load and warm the current version before reporting ready
         self.holder.start_watching()
         if self.memory is not None:
@@ -571,33 +571,37 @@ class DataPlane:
 
     # -- drift ----------------------------------------------------------------------------------
 
-    def drift(self) -> dict[str, Any]:
-        """The drift job's latest result (see ``monitoring.drift.DriftResult``), or pending."""
-        path = drift_dir(self.settings) / "latest.json"
-        try:
-            result: dict[str, Any] = json.loads(path.read_text())
-            return result
-        except FileNotFoundError:
+    async def drift(self) -> dict[str, Any]:
+        """The drift job's latest result (see ``monitoring.drift.DriftResult``), or pending.
+
+        Read from the store, where the one drift job writes it: the same on every replica.
+        """
+        result = await asyncio.to_thread(self.drift_results.latest)
+        if result is None:
             return {
                 "status": "pending",
                 "message": "the drift job has not finished a run yet; it runs every "
                 f"{self.settings.drift_interval_s:g}s",
             }
+        return result
 
-    def drift_report(self) -> tuple[bytes, str]:
+    async def drift_report(self) -> tuple[bytes, str]:
         """The latest drift report's HTML and the Content-Security-Policy to serve it with."""
-        path = drift_dir(self.settings) / "report.html"
-        try:
-            stat = path.stat()
-        except FileNotFoundError:
+        return await asyncio.to_thread(self._drift_report_blocking)
+
+    def _drift_report_blocking(self) -> tuple[bytes, str]:
+        written = self.drift_results.report_version()
+        if written is None:
             raise NotFoundError(
                 "no drift report yet: one is written once the window holds "
                 f"{self.settings.drift_min_window} predictions by the serving version"
-            ) from None
-        key = (stat.st_mtime_ns, stat.st_size)
-        if self._report_cache is None or self._report_cache[0] != key:
-            body = path.read_bytes()
-            self._report_cache = (key, body, inline_script_policy(body))
+            )
+        if self._report_cache is None or self._report_cache[0] != written:
+            stored = self.drift_results.report()
+            if stored is None:  # pragma: no cover - reports are replaced, never deleted
+                raise NotFoundError("no drift report yet")
+            written, body = stored
+            self._report_cache = (written, body, inline_script_policy(body))
         return self._report_cache[1], self._report_cache[2]
 
 
