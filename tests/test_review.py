@@ -3,6 +3,7 @@ with the feedback key set; and the store's queries and schema upgrade on both ba
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -12,6 +13,7 @@ from sqlalchemy import text as sql_text
 
 from adapters.serving.review import diverse_picks
 from refit.store import FeedbackRecord, PredictionRecord, Store
+from tests.readme_walkthrough import curl_calls
 from tests.servers import wait_for
 
 pytestmark = pytest.mark.server
@@ -212,6 +214,28 @@ def test_the_queue_size_is_a_prometheus_gauge(client, logged, server):
 
     wait_for(lambda: gauge() == below, timeout=30, what=f"the gauge at {below}")
     assert below > 0
+
+
+def test_the_readme_section_works_as_written(client, logged):
+    """Every curl of README's "What to label next", in order, with this server's key and the
+    README's example prediction id replaced by the first one the queue returned."""
+    calls = curl_calls(title="What to label next")
+    assert [call.path.split("?")[0] for call in calls] == [
+        "/review", "/review", "/review", "/feedback"]
+    readme_id = json.loads(calls[-1].body or "{}")["items"][0]["prediction_id"]
+    real_id = ""
+    for call in calls:
+        assert call.headers["authorization"] == "Bearer $REFIT_FEEDBACK_KEY"
+        body = call.body.replace(readme_id, real_id) if call.body else None
+        response = client.request(call.method, call.path, content=body,
+                                  headers={**call.headers, **AUTH})
+        assert response.status_code == 200, (call.source, response.text)
+        if call.path.startswith("/review"):
+            items = response.json()["items"]
+            assert items and len(items) == int(call.path.rsplit("limit=", 1)[1])
+            real_id = real_id or items[0]["prediction_id"]
+    assert response.json()["accepted"] == 1
+    assert real_id not in {item["prediction_id"] for item in review(client, limit=100)["items"]}
 
 
 def test_the_queue_needs_the_feedback_key(server):
