@@ -97,9 +97,11 @@ predictions = Table(
     # logged before it was recorded.
     Column("margin", Float, nullable=True),
     # The review queue walks these in order: (version, score, id) answers "the least confident
-    # unlabelled predictions of this version" from the index, stopping after the first few.
-    Index("ix_predictions_review_confidence", "model_version", "confidence", "id"),
-    Index("ix_predictions_review_margin", "model_version", "margin", "id"),
+    # unlabelled predictions of this version" from the index, stopping after the first few;
+    # created_at in the index lets expired rows be skipped, and the queue's size be counted,
+    # without reading the rows themselves.
+    Index("ix_predictions_review_confidence", "model_version", "confidence", "id", "created_at"),
+    Index("ix_predictions_review_margin", "model_version", "margin", "id", "created_at"),
 )
 
 feedback = Table(

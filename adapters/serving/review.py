@@ -43,7 +43,8 @@ def kmeans(x: np.ndarray, k: int, seed: int, iterations: int = KMEANS_ITERATIONS
     """Cluster the rows of ``x`` into at most ``k`` clusters; returns each row's cluster.
 
     k-means++ seeding (seeded, so a request is reproducible) then ``iterations`` Lloyd steps.
-    Cost: ``O(iterations · n · k · d)``; for 500 rows of 384 dimensions and k = 100, about 20 ms.
+    Cost: ``O(iterations · n · k · d)``; 200 rows of 384 dimensions into 100 clusters take
+    about 10 ms.
     """
     x = np.asarray(x, dtype=np.float64)
     n = x.shape[0]
@@ -66,10 +67,11 @@ def kmeans(x: np.ndarray, k: int, seed: int, iterations: int = KMEANS_ITERATIONS
         if step and np.array_equal(new, assignment):
             break
         assignment = new
-        for cluster in range(k):
-            members = assignment == cluster
-            if members.any():  # an empty cluster keeps its centre
-                centres[cluster] = x[members].mean(axis=0)
+        counts = np.bincount(assignment, minlength=k)
+        sums = np.zeros_like(centres)
+        np.add.at(sums, assignment, x)
+        filled = counts > 0  # an empty cluster keeps its centre
+        centres[filled] = sums[filled] / counts[filled, None]
     return assignment
 
 
