@@ -407,7 +407,9 @@ def operations(api: Api | None) -> list[Operation]:
                   "The unlabelled predictions most worth labelling next (active learning)",
                   h("review"), response=ReviewResponse, query=ReviewQuery, tag="feedback",
                   feedback_role=True,
-                  errors={422: "A query parameter is invalid; `field` names it.", **not_ready}),
+                  errors={422: "A query parameter is invalid; `field` names it.",
+                          503: "No model is loaded yet, or the database is unreachable "
+                               "(`Retry-After`)."}),
         Operation("GET", "/labels", "labels",
                   "Per label: status (active or pending), training examples, feedback, recall",
                   h("labels"), response=LabelsResponse, tag="feedback"),

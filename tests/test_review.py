@@ -67,7 +67,7 @@ def review(client, **params) -> dict:
 
 
 @pytest.fixture(scope="module")
-def logged(server) -> dict[str, dict]:
+def logged(server, database_url) -> dict[str, dict]:
     """Every text predicted once (and the first clear text a second time), by prediction id,
     once the prediction log has them all."""
     with server.client(headers=AUTH) as client:
@@ -78,8 +78,13 @@ def logged(server) -> dict[str, dict]:
             for text, p in zip(TEXTS + TEXTS[:1], answer["predictions"] + again["predictions"],
                                strict=True)
         }
-        wait_for(lambda: len(review(client, limit=100)["items"]) == len(TEXTS), timeout=15,
-                 what="every prediction in the log")
+        store = Store.from_url(database_url)
+        try:  # every worker's log flushed, the repeated text's second prediction included
+            wait_for(lambda: len(store.get_predictions(predictions)) == len(predictions),
+                     timeout=15, what="every prediction in the log")
+        finally:
+            store.close()
+        assert len(review(client, limit=100)["items"]) == len(TEXTS)
     return predictions
 
 
