@@ -1,4 +1,4 @@
-"""The periodic monitoring job: drift and online accuracy, in a process of its own.
+"""The periodic monitoring job: drift, online accuracy and the review queue's size, in a process.
 
 ``python -m monitoring.drift_job`` loops every ``REFIT_DRIFT_INTERVAL_S``: it compares the newest
 predictions of the serving version with that version's reference (see ``monitoring.drift``),
@@ -129,6 +129,19 @@ class DriftJob:
                 m.online_accuracy_by_label.labels(label=label).set(value)
         return {"feedback": count, "accuracy": accuracy}
 
+    def update_review_queue(self) -> int | None:
+        """Set the review queue's size: unlabelled, unexpired predictions of the serving version
+        below the confidence threshold (``None`` while no version serves)."""
+        pointer = self.registry.pointer()
+        if pointer is None:
+            return None
+        size = self.store.count_review_queue(
+            pointer.version, self.settings.review_queue_threshold,
+            time.time() - self.settings.retention_days * 86400,
+        )
+        metrics().review_queue.set(size)
+        return size
+
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s drift %(levelname)s %(message)s")
@@ -148,6 +161,7 @@ def main() -> int:
         try:
             result = job.run_once()
             job.update_online_accuracy()
+            job.update_review_queue()
             log.info(
                 "drift %s: %s (window %d, %.2fs)",
                 result.status,

@@ -173,6 +173,16 @@ class RefitSettings(BaseSettings):
     staging_stale_after_s: float = Field(3600.0, ge=60)
     """A folder in the registry's staging area that another host has not written to for this long
     is presumed abandoned and removed (a host's own dead writers are removed at once)."""
+    # -- review queue (what to label next) ------------------------------------------------------
+    review_max_limit: int = Field(100, ge=1, le=1000)
+    """Most predictions one ``GET /review`` returns (its ``limit`` may not exceed this)."""
+    review_diverse_pool_factor: int = Field(2, ge=1, le=20)
+    """The ``diverse`` strategy clusters this many times ``limit`` of the least confident candidates
+    and picks one per cluster. Larger spreads the picks wider but takes less uncertain ones (2
+    measured best in bench/active_learning.py)."""
+    review_queue_threshold: float = Field(0.5, gt=0, le=1)
+    """The review queue's size (``refit_review_queue_predictions``) counts unlabelled predictions
+    of the serving version whose confidence is below this."""
 
     # -- logging ----------------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -81,6 +81,8 @@ from service.schemas import (
     RetrainJob,
     RetrainJobList,
     RetrainRequest,
+    ReviewQuery,
+    ReviewResponse,
 )
 from service.security import SecurityHeadersMiddleware, page_policy
 
@@ -296,6 +298,12 @@ class Api:
         await self.plane.delete_feedback(path_id(request, "feedback_id"))
         return Response(status_code=204)
 
+    async def review(self, request: Request) -> Response:
+        query = read_query(request, ReviewQuery)
+        return json_response(
+            ReviewResponse.from_queue(await self.plane.review(query.strategy, query.limit))
+        )
+
     async def labels(self, request: Request) -> Response:
         return json_response(LabelsResponse.from_overview(await self.plane.labels()))
 
@@ -443,6 +451,13 @@ def operations(api: Api | None) -> list[Operation]:
                   "Delete a feedback item", h("delete_feedback"), status=204, admin=True,
                   tag="feedback", parameters=(feedback_id,),
                   errors={404: "No such feedback item.", 422: "`feedback_id` is not an id."}),
+        Operation("GET", "/review", "review",
+                  "The unlabelled predictions most worth labelling next (active learning)",
+                  h("review"), response=ReviewResponse, query=ReviewQuery, tag="feedback",
+                  feedback_role=True,
+                  errors={422: "A query parameter is invalid; `field` names it.",
+                          503: "No model is loaded yet, or the database is unreachable "
+                               "(`Retry-After`)."}),
         Operation("GET", "/labels", "labels",
                   "Per label: status (active or pending), training examples, feedback, recall",
                   h("labels"), response=LabelsResponse, tag="feedback"),
@@ -508,6 +523,11 @@ def api_document(ops: list[Operation], settings: RefitSettings | None = None) ->
         texts["items"]["maxLength"] = settings.max_text_chars
         schemas["FeedbackItem"]["properties"]["text"]["maxLength"] = settings.max_text_chars
         inference_protocol.state_limits(document, settings)
+        for parameter in document["paths"]["/review"]["get"]["parameters"]:
+            if parameter["name"] == "limit":
+                for option in parameter["schema"].get("anyOf", [parameter["schema"]]):
+                    if option.get("type") == "integer":
+                        option["maximum"] = settings.review_max_limit
     return document
 
 

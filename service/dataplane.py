@@ -24,6 +24,7 @@ import numpy as np
 from adapters.serving.data import read_jsonl
 from adapters.serving.labels import LabelStatus, label_statuses
 from adapters.serving.registry import ModelRegistry, ModelVersion, Pointer
+from adapters.serving.review import Strategy, diverse_picks, top_two_margin
 from monitoring.drift_store import DriftResultStore
 from monitoring.metrics import metrics
 from refit.errors import InvalidInputError, NotFoundError, NotReadyError
@@ -36,6 +37,7 @@ from refit.store import (
     FeedbackSubmission,
     PredictionRecord,
     ReplacedFeedback,
+    ReviewCandidate,
     Store,
 )
 from refit.text import is_blank
@@ -131,6 +133,22 @@ class LabelsOverview:
     serving_version: str | None
     min_examples: int
     labels: list[LabelReport]
+
+
+@dataclass(frozen=True)
+class ReviewQueue:
+    """What ``review`` answers: the predictions of ``model_version`` most worth labelling,
+    in the order the strategy ranks them."""
+
+    model_version: str
+    strategy: Strategy
+    items: list[ReviewCandidate]
+
+
+REVIEW_DEFAULT_LIMIT = 10
+REVIEW_SCAN_FACTOR = 4
+"""The review queue reads this many times the candidates it needs, so that duplicate texts and
+texts labelled through another prediction can be dropped and still leave enough."""
 
 
 @dataclass(frozen=True)
@@ -301,6 +319,7 @@ class DataPlane:
         records: list[PredictionRecord] = []
         rows = output.probabilities[start:stop].tolist()
         matches = output.matches
+        margins = top_two_margin(output.probabilities[start:stop]).tolist()
         for offset, text in enumerate(texts):
             row = start + offset
             prediction_id = new_prediction_id(now)
@@ -324,7 +343,7 @@ class DataPlane:
             records.append(
                 PredictionRecord(
                     prediction_id, now, model.version, text, label, confidence,
-                    output.embeddings[row].tobytes(),
+                    output.embeddings[row].tobytes(), margins[offset],
                 )
             )
         self.prediction_log.add(records)
@@ -534,6 +553,51 @@ class DataPlane:
         if self.memory is None:
             return MemoryState(False, 0, None, None, None, None, None, None, 0, None, None)
         return self.memory.state()
+
+    # -- review queue ----------------------------------------------------------------------------
+
+    async def review(self, strategy: Strategy, limit: int | None) -> ReviewQueue:
+        """The unlabelled, unexpired predictions of the serving version most worth labelling.
+
+        ``uncertainty``: least confident first; ``margin``: smallest gap between the model's two
+        most probable labels first; ``diverse``: the least confident member of each of ``limit``
+        k-means clusters over the ``review_diverse_pool_factor`` x ``limit`` least confident
+        (see ``adapters/serving/review.py``). A text appears once, and not at all once any
+        feedback labels it.
+        """
+        maximum = self.settings.review_max_limit
+        if limit is None:
+            limit = min(REVIEW_DEFAULT_LIMIT, maximum)
+        if limit > maximum:
+            raise InvalidInputError(
+                f"limit is {limit}; at most {maximum} (REFIT_REVIEW_MAX_LIMIT)", field="limit"
+            )
+        version = self.holder.require().version
+        return await asyncio.to_thread(self._review_blocking, version, strategy, limit)
+
+    def _review_blocking(self, version: str, strategy: Strategy, limit: int) -> ReviewQueue:
+        diverse = strategy == "diverse"
+        wanted = limit * self.settings.review_diverse_pool_factor if diverse else limit
+        not_before = time.time() - self.settings.retention_days * 86400
+        candidates = self.store.review_candidates(
+            version, "margin" if strategy == "margin" else "confidence", not_before,
+            wanted * REVIEW_SCAN_FACTOR, with_embeddings=diverse,
+        )
+        labelled = self.store.labelled_texts(c.text for c in candidates)
+        seen: set[str] = set()
+        pool: list[ReviewCandidate] = []
+        for candidate in candidates:
+            if candidate.text not in labelled and candidate.text not in seen:
+                seen.add(candidate.text)
+                pool.append(candidate)
+            if len(pool) == wanted:
+                break
+        if diverse and pool:
+            embeddings = np.stack([c.embedding for c in pool if c.embedding is not None])
+            confidence = np.array([c.confidence for c in pool])
+            picks = diverse_picks(embeddings, confidence, limit, seed=0)
+            pool = [replace(pool[i], embedding=None) for i in picks.tolist()]
+        return ReviewQueue(version, strategy, pool[:limit])
 
     # -- models ----------------------------------------------------------------------------------
 

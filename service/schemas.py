@@ -24,6 +24,7 @@ from service.dataplane import (
     LabelsOverview,
     ModelsOverview,
     PredictionBatch,
+    ReviewQueue,
 )
 from service.memory import MemoryState
 
@@ -304,6 +305,64 @@ class LabelsResponse(BaseModel):
                     feedback_on_predictions=r.feedback_on_predictions, recall=r.recall,
                 )
                 for r in overview.labels
+            ],
+        )
+
+
+# -- review queue ----------------------------------------------------------------------------------
+
+MAX_REVIEW_LIMIT = 1000
+"""The hard bound on ``limit``; REFIT_REVIEW_MAX_LIMIT (at most this) is the one in force."""
+
+
+class ReviewQuery(_Request):
+    """Query parameters of ``GET /review``."""
+
+    strategy: Literal["uncertainty", "margin", "diverse"] = Field(
+        "uncertainty",
+        description="`uncertainty`: least confident first; `margin`: smallest gap between the "
+        "model's two most probable labels first; `diverse`: the least confident prediction of "
+        "each of `limit` clusters of the uncertain ones (spread over the embedding space).",
+    )
+    limit: int | None = Field(
+        None, ge=1, le=MAX_REVIEW_LIMIT,
+        description="Predictions to return: default 10, at most REFIT_REVIEW_MAX_LIMIT (100).",
+    )
+
+
+class ReviewItem(BaseModel):
+    prediction_id: str = Field(description="Label it with `POST /feedback` by this id.")
+    text: str
+    predicted_label: str = Field(description="The label served for it.")
+    confidence: float = Field(description="The model's probability of `predicted_label`.")
+    margin: float | None = Field(
+        description="The model's top probability less its second (null on predictions logged "
+        "before refit recorded it)."
+    )
+    created_at: float = Field(description="Unix time of the prediction.")
+
+
+class ReviewResponse(BaseModel):
+    model_version: str = Field(
+        description="The serving version, whose predictions (and only those) the queue ranks."
+    )
+    strategy: Literal["uncertainty", "margin", "diverse"]
+    items: list[ReviewItem] = Field(
+        description="Unlabelled, unexpired predictions, the most worth labelling first; a text "
+        "appears once, and not at all once any feedback labels it."
+    )
+
+    @classmethod
+    def from_queue(cls, queue: ReviewQueue) -> ReviewResponse:
+        return cls(
+            model_version=queue.model_version,
+            strategy=queue.strategy,
+            items=[
+                ReviewItem(
+                    prediction_id=c.id, text=c.text, predicted_label=c.label,
+                    confidence=c.confidence, margin=c.margin, created_at=c.created_at,
+                )
+                for c in queue.items
             ],
         )
 
