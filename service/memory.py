@@ -39,6 +39,7 @@ from adapters.serving.memory import (
     FeedbackMemory,
     MemoryMatches,
     rebuilt_memory,
+    version_prototypes,
 )
 from monitoring.metrics import metrics
 from refit.store import Store
@@ -60,6 +61,10 @@ class MemoryState:
     entries: int
     threshold: float | None
     new_label_threshold: float | None
+    new_label_margin: float | None
+    """The prototype rule's margin (``None``: off)."""
+    prototype_rule: bool
+    """Whether the memory has the served model's class prototypes (the rule's reference)."""
     built_for: str | None
     """The model version the memory was last rebuilt for."""
     built_at: float | None
@@ -151,6 +156,8 @@ class FeedbackMemoryKeeper:
             entries=len(memory),
             threshold=memory.threshold if built else None,
             new_label_threshold=memory.new_label_threshold if built else None,
+            new_label_margin=memory.new_label_margin if built else None,
+            prototype_rule=memory.reference is not None,
             built_for=built.version if built else None,
             built_at=self._built_at,
             rebuild_seconds=self._rebuild_seconds,
@@ -230,6 +237,7 @@ class FeedbackMemoryKeeper:
             [item.label for item in items],
             [model.labels[i] for i in predicted.tolist()],
             model.labels,
+            reference=version_prototypes(model.classifier.path, model.labels),
         )
         self.follower.replace(memory, cursor)
         self._encoder_id = model.encoder_id
@@ -242,7 +250,9 @@ class FeedbackMemoryKeeper:
         metrics().memory_entries.set(len(memory))
         log.info(
             "feedback memory rebuilt for %s in %.2fs: %d of %d feedback items kept (the model "
-            "gets the rest right); thresholds %.3f (known labels), %.3f (new labels): %s",
+            "gets the rest right); thresholds %.3f (known labels), %.3f (new labels), prototype "
+            "margin %s (class prototypes %s): %s",
             model.version, self._rebuild_seconds, len(memory), len(items),
-            calibration.threshold, calibration.new_label_threshold, calibration.reason,
+            calibration.threshold, calibration.new_label_threshold, calibration.new_label_margin,
+            "read" if memory.reference is not None else "not found", calibration.reason,
         )
