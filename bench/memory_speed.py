@@ -5,7 +5,9 @@ a :class:`adapters.serving.memory.FeedbackMemory` of 100 to 100,000 entries; the
 99th percentile of the wall time per call are reported, for batch sizes 1 and 64, and the median
 CPU time of the process per call (on a busy machine wall time mostly measures waiting for a core;
 CPU time is the work itself). BLAS threads are fixed per run (``--threads``, default 1: a serving
-worker shares the cores with the others).
+worker shares the cores with the others). The memory is set up as a worker's: 50 labels the model
+knows (with their class prototypes as the reference) and 10 it does not, so the prototype rule
+runs on every row the entries leave unanswered (random queries: all of them).
 
     .venv/bin/python bench/memory_speed.py [--threads 1] [--sizes 100 1000 ...]
 """
@@ -33,7 +35,7 @@ def main() -> None:
     import numpy as np
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from adapters.serving.memory import FeedbackMemory
+    from adapters.serving.memory import DEFAULT_NEW_LABEL_MARGIN, FeedbackMemory
     from bench.common import save
 
     rng = np.random.default_rng(0)
@@ -47,7 +49,10 @@ def main() -> None:
     print("| entries | batch | median ms | p99 ms | CPU ms (median) |")
     print("|---|---|---|---|---|")
     for size in args.sizes:
-        memory = FeedbackMemory(known_labels=[f"l{i}" for i in range(50)])
+        memory = FeedbackMemory(
+            known_labels=[f"l{i}" for i in range(50)], reference=unit((50, 384)),
+            new_label_margin=DEFAULT_NEW_LABEL_MARGIN,
+        )
         memory.add(list(range(size)), unit((size, 384)), [f"l{i % 60}" for i in range(size)])
         for batch in (1, 64):
             queries = unit((batch, 384))

@@ -14,7 +14,9 @@ and two background threads:
   calibrates the thresholds on them and keeps only the entries the model gets wrong
   (:func:`~adapters.serving.memory.rebuilt_memory`), then hands the new memory to the follower
   with the change-feed position it was built from. Changes committed meanwhile are replayed
-  onto it (every change is idempotent), so none is lost.
+  onto it (every change is idempotent), so none is lost. It also rebuilds for the same model
+  once enough new feedback has arrived (:data:`RECALIBRATE_AFTER_CHANGES`), so the thresholds
+  and the prototype rule's margin follow the feedback.
 
 The memory answers a batch only while its embeddings come from the served model's encoder: after
 a swap to a model with another encoder it stays silent until the rebuild is done.
@@ -51,6 +53,13 @@ EMBED_BATCH = 256
 """Texts per classifier run while rebuilding or embedding feedback."""
 REBUILD_RETRY_S = 5.0
 """After a failed rebuild (the store unreachable, say), wait this long before the next try."""
+RECALIBRATE_AFTER_CHANGES = 20
+RECALIBRATE_AFTER_FRACTION = 0.1
+"""The memory is also rebuilt (thresholds and the prototype margin recalibrated) for the same
+model once this many feedback changes arrived since the last build: at least
+``RECALIBRATE_AFTER_CHANGES`` and ``RECALIBRATE_AFTER_FRACTION`` of the items that build read, so
+a new label's evidence is weighed soon, and the cost (one classifier run over all feedback) stays
+a small share of the feedback's own."""
 
 
 @dataclass(frozen=True)
@@ -115,6 +124,7 @@ class FeedbackMemoryKeeper:
         self._feedback_items: int | None = None
         self._calibration: Calibration | None = None
         self._last_error: str | None = None
+        self._changes_since_build = 0
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -174,7 +184,8 @@ class FeedbackMemoryKeeper:
             if self._built_for is None:
                 continue  # nothing to follow until the first build (it reads everything)
             try:
-                if self.follower.poll():
+                if applied := self.follower.poll():
+                    self._changes_since_build += applied
                     metrics().memory_entries.set(len(self.follower.memory))
                 self._last_error = None
             except Exception as exc:  # noqa: BLE001 - retried from the same cursor next round
@@ -212,7 +223,7 @@ class FeedbackMemoryKeeper:
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         while True:
             model = self.holder.model
-            if model is not None and model is not self._built_for:
+            if model is not None and (model is not self._built_for or self._recalibration_due()):
                 try:
                     self.rebuild(model)
                 except Exception as exc:  # noqa: BLE001 - retried a little later
@@ -223,9 +234,17 @@ class FeedbackMemoryKeeper:
             if self._stop.wait(self.poll_interval_s):
                 return
 
+    def _recalibration_due(self) -> bool:
+        built_from = self._feedback_items or 0
+        return self._changes_since_build >= max(
+            RECALIBRATE_AFTER_CHANGES, RECALIBRATE_AFTER_FRACTION * built_from
+        )
+
     def rebuild(self, model: ServingModel) -> None:
         """Rebuild the memory for ``model`` from all feedback (blocking; runs the classifier)."""
         started = time.perf_counter()
+        # Counted from here: a change the follower applies meanwhile is in this build or the next.
+        self._changes_since_build = 0
         # The feed's position first: a change committed after it is replayed onto the new
         # memory, so reading the feedback after it can only see more, never less.
         cursor = self.store.latest_feedback_seq()

@@ -176,6 +176,9 @@ class FeedbackMemory:
         self.set_reference(reference)
         self.new_label_margin = new_label_margin
         self._lock = threading.Lock()
+        self._prototype_cache: tuple[_Snapshot, frozenset[str], np.ndarray, np.ndarray] | None = (
+            None
+        )
         self._snapshot = _Snapshot(
             np.zeros((0, dim), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int32), 0, (),
             np.zeros((0, dim), np.float32), np.zeros(0, np.int64),
@@ -394,22 +397,32 @@ class FeedbackMemory:
         margin, reference = self.new_label_margin, self.reference
         if margin is None or reference is None or answered.all():
             return None
-        new = np.array(
-            [i for i, name in enumerate(s.label_names)
-             if s.sizes[i] > 0 and name not in self.known_labels],
-            dtype=np.int64,
-        )
+        new, prototypes = self._new_label_prototypes(s)
         if len(new) == 0:
             return None
         open_rows = np.flatnonzero(~answered)
         q = queries[open_rows]
-        sums = s.sums[new]
-        prototypes = sums / np.linalg.norm(sums, axis=1, keepdims=True)
         scores = q @ prototypes.T
         pick = scores.argmax(axis=1)
         lead = scores[np.arange(len(q)), pick] - (q @ reference.T).max(axis=1)
         hit = lead >= margin
         return open_rows[hit], new[pick[hit]].astype(np.int32)
+
+    def _new_label_prototypes(self, s: _Snapshot) -> tuple[np.ndarray, np.ndarray]:
+        """Codes of the labels the model does not know that have entries, and their prototypes;
+        computed once per snapshot and set of known labels."""
+        known = self.known_labels
+        cached = self._prototype_cache
+        if cached is not None and cached[0] is s and cached[1] is known:
+            return cached[2], cached[3]
+        new = np.array(
+            [i for i, name in enumerate(s.label_names) if s.sizes[i] > 0 and name not in known],
+            dtype=np.int64,
+        )
+        sums = s.sums[new]
+        prototypes = sums / np.linalg.norm(sums, axis=1, keepdims=True)
+        self._prototype_cache = (s, known, new, prototypes)  # one assignment: safe to race
+        return new, prototypes
 
     def _thresholds(self, s: _Snapshot) -> np.ndarray:
         """Each label code's threshold."""
