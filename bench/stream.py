@@ -24,16 +24,21 @@ arrived and serves from the next chunk on.
 
 Four ways of serving the same stream:
 - never: the first model, never adapted;
-- memory: the first model, with the feedback memory (all feedback, thresholds recalibrated at
-  every chunk on all feedback by leave-one-out);
+- memory: the first model, with the feedback memory (all feedback, thresholds and the prototype
+  rule's margin recalibrated at every chunk on all feedback by leave-one-out; the model's class
+  prototypes from its training data, as the service reads them from the version folder);
 - retrain: every retrain promoted, no memory;
 - both: retrains and the memory; after each promotion the memory keeps only the entries the new
   head gets wrong, and is calibrated on the feedback the serving head never trained on.
 
+A fifth, not plotted: ``memory-nearest``, the memory arm without the prototype rule (the nearest
+entry alone decides), for comparison.
+
     .venv/bin/python bench/stream.py [--datasets hwu64 banking77] [--search grid|none]
 
-Writes bench/figures/stream-<dataset>.png, bench/results/stream-<dataset>.json, and prints the
-markdown tables that BENCHMARKS.md carries.
+Writes bench/figures/stream-<dataset>.png, bench/results/stream-<dataset>.json (other seeds and
+``--search none``: stream-<dataset>-seed<N>-<search>.*), and prints the markdown tables that
+BENCHMARKS.md carries.
 """
 
 from __future__ import annotations
