@@ -445,7 +445,8 @@ def test_version_prototypes_come_from_the_version_folders_training_data(tmp_path
     np.testing.assert_allclose(prototypes[0], expected_a, atol=2e-3)  # stored as float16
     np.testing.assert_allclose(
         prototypes, class_prototypes(vectors, labels, ["a", "b", "c", "unseen"]), atol=2e-3)
-    assert not prototypes[3].any()  # no rows: a zero row, which never wins
+    assert not prototypes[3].any()  # no rows: a zero row, which the memory drops
+    assert FeedbackMemory(reference=prototypes).reference.shape == (3, 384)
     assert version_prototypes(tmp_path / "elsewhere", ["a"]) is None
     np.savez(data / "embeddings.npz", train=vectors[:5].astype(np.float16))  # out of step
     assert version_prototypes(tmp_path, ["a"]) is None

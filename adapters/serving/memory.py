@@ -22,9 +22,17 @@ Design for the serving hot path (numpy only, no torch):
   with a model that is usually right, so it must be very close) and a lower one for labels the
   model does not have yet (new labels: there the model is always wrong). The nearest entry
   answers when its similarity reaches the threshold of its own label.
-- :func:`calibrate_threshold` picks both thresholds on held-out feedback by leave-one-out, so
-  that the memory does not lower accuracy; :class:`FeedbackFollower` keeps a worker's memory in step
-  with the store by polling for new feedback (every worker within about one poll interval).
+- The *prototype rule*, for labels the model does not know, answers from all of a label's
+  examples rather than one: a text no entry answered gets the new label whose prototype (the
+  normalised mean of its entries) is most similar, when that similarity exceeds the similarity to
+  the nearest of the model's class prototypes (the reference, from the version's training data:
+  :func:`version_prototypes`) by a margin. Varied labels, whose examples are rarely close to a new
+  text one by one, are taught this way (BENCHMARKS.md, section 5). Per-label sums are kept with
+  each snapshot, so a lookup adds two small matrix products (new-label prototypes, reference).
+- :func:`calibrate_threshold` picks both thresholds and the margin on held-out feedback by
+  leave-one-out, so that the memory does not lower accuracy; :class:`FeedbackFollower` keeps a
+  worker's memory in step with the store by polling for new feedback (every worker within about
+  one poll interval).
 """
 
 from __future__ import annotations
@@ -58,7 +66,7 @@ MIN_CALIBRATION_ITEMS = 30
 DEFAULT_NEW_LABEL_MARGIN = 0.1
 """The prototype rule's margin until feedback gives evidence to calibrate it (at least
 :data:`MIN_CALIBRATION_ITEMS` items, among them two of one label the model does not know).
-Calibrated margins on hwu64 and banking77 streams ranged from -0.09 to 0.15."""
+Calibrated margins on hwu64 and banking77 streams ranged from about -0.1 to 0.15."""
 MARGIN_FLOOR = -0.1
 MARGIN_CEILING = 0.4
 """Calibration picks the prototype rule's margin in ``[MARGIN_FLOOR, MARGIN_CEILING]``."""
@@ -106,7 +114,7 @@ def class_prototypes(
     embeddings: np.ndarray, labels: Sequence[str], names: Sequence[str]
 ) -> np.ndarray:
     """Each of ``names``' prototype: the L2-normalised mean of its rows in ``embeddings``
-    (``[len(names), dim]``; a zero row for a name without rows, which then never wins)."""
+    (``[len(names), dim]``; a zero row for a name without rows: the memory drops those)."""
     vectors = np.asarray(embeddings, dtype=np.float32)
     index = {name: i for i, name in enumerate(names)}
     rows = [i for i, label in enumerate(labels) if label in index]
@@ -116,6 +124,15 @@ def class_prototypes(
         np.add.at(sums, codes, vectors[rows])
     norms = np.linalg.norm(sums, axis=1, keepdims=True)
     return np.divide(sums, norms, out=np.zeros_like(sums), where=norms > 0)
+
+
+def _usable_reference(reference: np.ndarray | None, dim: int) -> np.ndarray | None:
+    """The reference's non-zero rows (a label without training rows has no prototype)."""
+    if reference is None:
+        return None
+    rows = np.ascontiguousarray(reference, dtype=np.float32).reshape(-1, dim)
+    rows = rows[np.linalg.norm(rows, axis=1) > 0]
+    return rows if len(rows) else None
 
 
 def version_prototypes(folder: str | Path, labels: Sequence[str]) -> np.ndarray | None:
@@ -191,10 +208,7 @@ class FeedbackMemory:
     def set_reference(self, reference: np.ndarray | None) -> None:
         """The serving model's class prototypes (:func:`class_prototypes` of its training data),
         against which the prototype rule weighs a label the model does not know."""
-        self.reference = (
-            None if reference is None or len(reference) == 0
-            else np.ascontiguousarray(reference, dtype=np.float32).reshape(-1, self.dim)
-        )
+        self.reference = _usable_reference(reference, self.dim)
 
     def set_thresholds(self, calibration: Calibration) -> None:
         self.threshold = calibration.threshold
@@ -534,7 +548,7 @@ def calibrate_threshold(
     n = len(vectors)
     if not n == len(labels) == len(model_predictions):
         raise ValueError("embeddings, labels and model_predictions must have the same length")
-    has_reference = reference is not None and len(reference) > 0
+    has_reference = _usable_reference(reference, vectors.shape[1]) is not None
     if n < min_items:
         return Calibration(default, new_label_default, n, None, None, 0,
                            f"{n} feedback items; at least {min_items} are needed to calibrate",
@@ -581,7 +595,8 @@ def calibrate_threshold(
         else "no thresholds beat the model alone: only near-duplicates are answered"
     )
     margin, by_prototype = None, np.zeros(n, dtype=bool)
-    if reference is not None and len(reference):
+    reference = _usable_reference(reference, vectors.shape[1]) if has_reference else None
+    if reference is not None:
         lead, correct_p = _prototype_leave_one_out(vectors, truth, known, reference)
         open_items = ~answered & np.isfinite(lead)
         evidence = bool((np.isfinite(lead) & ~item_known).any())
