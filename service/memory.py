@@ -243,8 +243,9 @@ class FeedbackMemoryKeeper:
     def rebuild(self, model: ServingModel) -> None:
         """Rebuild the memory for ``model`` from all feedback (blocking; runs the classifier)."""
         started = time.perf_counter()
-        # Counted from here: a change the follower applies meanwhile is in this build or the next.
-        self._changes_since_build = 0
+        # Changes counted so far are in this build; those applied meanwhile count for the next
+        # (a failed build leaves the count, so it is retried).
+        counted = self._changes_since_build
         # The feed's position first: a change committed after it is replayed onto the new
         # memory, so reading the feedback after it can only see more, never less.
         cursor = self.store.latest_feedback_seq()
@@ -265,6 +266,7 @@ class FeedbackMemoryKeeper:
         self._rebuild_seconds = time.perf_counter() - started
         self._feedback_items = len(items)
         self._calibration = calibration
+        self._changes_since_build = max(0, self._changes_since_build - counted)
         self._last_error = None
         metrics().memory_entries.set(len(memory))
         log.info(
