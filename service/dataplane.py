@@ -551,7 +551,8 @@ class DataPlane:
     def memory_state(self) -> MemoryState:
         """What this worker's feedback memory holds."""
         if self.memory is None:
-            return MemoryState(False, 0, None, None, None, None, None, None, 0, None, None)
+            return MemoryState(False, 0, None, None, None, False, None, None, None, None, 0,
+                               None, None)
         return self.memory.state()
 
     # -- review queue ----------------------------------------------------------------------------

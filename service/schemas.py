@@ -443,6 +443,9 @@ class MemoryCalibration(BaseModel):
         description="Leave-one-out accuracy of memory-or-model on them at these thresholds."
     )
     answered: int = Field(description="Items the memory answered at these thresholds.")
+    prototype_answered: int = Field(
+        0, description="Of those, the items the prototype rule answered."
+    )
     reason: str
 
 
@@ -457,6 +460,18 @@ class MemoryResponse(BaseModel):
     )
     new_label_threshold: float | None = Field(
         description="Similarity at which an example of a label the model does not know answers."
+    )
+    new_label_margin: float | None = Field(
+        None,
+        description=(
+            "Prototype rule: a text gets a label the model does not know when its similarity to "
+            "that label's prototype (the mean of its examples) exceeds its similarity to the "
+            "nearest of the model's class prototypes by this margin (null: the rule is off)."
+        ),
+    )
+    prototype_rule: bool = Field(
+        False, description="Whether the served model's class prototypes were read (the rule's "
+        "reference, from the version folder's training data).",
     )
     built_for: str | None = Field(description="The model version the memory was rebuilt for.")
     built_at: float | None = Field(description="Unix time of that rebuild.")
@@ -474,12 +489,14 @@ class MemoryResponse(BaseModel):
         return cls(
             enabled=state.enabled, worker_pid=worker_pid, entries=state.entries,
             threshold=state.threshold, new_label_threshold=state.new_label_threshold,
+            new_label_margin=state.new_label_margin, prototype_rule=state.prototype_rule,
             built_for=state.built_for, built_at=state.built_at,
             rebuild_seconds=state.rebuild_seconds, feedback_items=state.feedback_items,
             cursor=state.cursor,
             calibration=None if c is None else MemoryCalibration(
                 items=c.items, model_accuracy=c.model_accuracy,
-                combined_accuracy=c.combined_accuracy, answered=c.answered, reason=c.reason,
+                combined_accuracy=c.combined_accuracy, answered=c.answered,
+                prototype_answered=c.prototype_answered, reason=c.reason,
             ),
             last_error=state.last_error,
         )
