@@ -317,6 +317,37 @@ class SplitMetrics(BaseModel):
     examples: int
 
 
+class CalibrationSplit(BaseModel):
+    examples: int
+    ece_before: float = Field(description="Expected calibration error of the raw head.")
+    ece_after: float = Field(description="Expected calibration error as served (calibrated).")
+
+
+class CalibrationInfo(BaseModel):
+    """How the served confidences were calibrated (see adapters/training/calibration.py)."""
+
+    method: str = Field(description="`temperature`: the logits divided by one fitted number.")
+    temperature: float = Field(description="Fitted on the validation split; folded into the "
+                               "exported model, so served probabilities are calibrated.")
+    ece_bins: int
+    validation: CalibrationSplit | None = Field(description="Where the temperature was fitted.")
+    test: CalibrationSplit | None = Field(description="Held out: the honest measure.")
+
+    @classmethod
+    def from_manifest(cls, record: dict[str, Any] | None) -> CalibrationInfo | None:
+        if not record:
+            return None
+        splits = {
+            name: CalibrationSplit(examples=record[name]["examples"],
+                                   ece_before=record[name]["ece_before"],
+                                   ece_after=record[name]["ece_after"])
+            if name in record else None
+            for name in ("validation", "test")
+        }
+        return cls(method=record["method"], temperature=record["temperature"],
+                   ece_bins=record["ece_bins"], **splits)
+
+
 class VersionInfo(BaseModel):
     version: str
     parent: str | None = Field(description="The version it was retrained from, if any.")
@@ -324,6 +355,9 @@ class VersionInfo(BaseModel):
     labels: list[str]
     metrics: dict[str, SplitMetrics] = Field(description="Scores on `validation` and `test`.")
     gate: dict[str, Any] | None = Field(description="The promotion gate's decision, if retrained.")
+    calibration: CalibrationInfo | None = Field(
+        None, description="Confidence calibration and its error before and after; null for "
+        "versions trained before calibration existed.")
     current: bool = Field(description="Whether the registry's pointer names this version.")
 
     @classmethod
@@ -344,6 +378,7 @@ class VersionInfo(BaseModel):
                 if split in m.get("metrics", {})
             },
             gate=m.get("gate"),
+            calibration=CalibrationInfo.from_manifest(m.get("calibration")),
             current=current,
         )
 

@@ -32,6 +32,7 @@ from adapters.serving.data import LabelledTexts, require_trainable, stratified_s
 from adapters.serving.evaluation import classification_report
 from adapters.serving.registry import ModelRegistry, ModelVersion, utc_now
 from adapters.serving.tokenization import DEFAULT_MAX_SEQ_LENGTH, TextTokenizer
+from adapters.training.calibration import calibrate_head
 from adapters.training.encoder import (
     ENCODER_NAME,
     ENCODER_PACKAGE,
@@ -469,9 +470,16 @@ def register_version(
     (:func:`compose_with_encoder`). With ``weights_from`` a parent's fine-tuned encoder weights are
     reused (hard-linked); with ``fine_tuned_layers > 0`` and no such folder they are saved anew.
     """
-    head, source, data = fitted.head, fitted.encoder, fitted.data
+    source, data = fitted.encoder, fitted.data
     splits, embeddings, labels = data.splits, data.embeddings, data.labels
     tokenizer = source.tokenizer
+    # From here on the head is the calibrated one (its temperature folded into the last layer):
+    # what is exported, checked, stored, evaluated and used for the drift reference.
+    calibration = calibrate_head(
+        fitted.head, embeddings["validation"], data.y("validation"),
+        {name: (embeddings[name], data.y(name)) for name in ("validation", "test")},
+    )
+    head = calibration.head
     with registry.stage() as staged:
         reporter.phase("exporting", "ONNX")
         onnx_path = staged.path / "model.onnx"
@@ -542,6 +550,7 @@ def register_version(
                 },
             },
             "metrics": metrics,
+            "calibration": calibration.record,
             "onnx": {"sha256": sha256_file(onnx_path), "opset": OPSET, "parity": parity},
             "packages": package_versions(),
             "train_seconds": round(time.perf_counter() - started, 3),
