@@ -9,6 +9,7 @@ objects by the ``from_...`` constructors here; ``/openapi.json`` is generated fr
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -19,6 +20,7 @@ from refit.jobs import Job, RetrainOptions
 from refit.store import FeedbackEntry, FeedbackQuery, FeedbackSubmission
 from refit.text import LABEL_PATTERN, TEXT_PATTERN, has_control_characters, is_blank
 from service.dataplane import (
+    EstimateOverview,
     FeedbackPage,
     FeedbackReceipt,
     LabelsOverview,
@@ -409,6 +411,53 @@ class ModelsResponse(BaseModel):
                 loaded_at=serving.loaded_at, last_swap_error=serving.last_swap_error,
             ),
             versions=[VersionInfo.from_version(v, v.name == current) for v in overview.versions],
+        )
+
+
+# -- accuracy estimated without labels ---------------------------------------------------------
+
+
+class EstimatedAccuracy(BaseModel):
+    predictions: int = Field(description="Predictions the estimate is computed over.")
+    accuracy: float = Field(description="Their mean calibrated confidence.")
+    lower: float = Field(description="Lower end of the 95% interval (Poisson-binomial).")
+    upper: float = Field(description="Upper end of the 95% interval.")
+
+
+class LabelEstimate(EstimatedAccuracy):
+    label: str = Field(description="The predicted (served) label: its estimate is a precision.")
+
+
+class EstimateResponse(BaseModel):
+    """Accuracy estimated from the calibrated confidences of the serving version's newest
+    predictions, without labels. As good as the calibration: on traffic unlike the training data
+    (new intents) the model is often confidently wrong and the estimate too high."""
+
+    model_version: str = Field(description="The version this worker serves.")
+    window: int = Field(description="Newest predictions considered (`REFIT_ESTIMATE_WINDOW`).")
+    window_start: float | None = Field(description="Unix time of the oldest prediction used.")
+    window_end: float | None = Field(description="Unix time of the newest prediction used.")
+    accuracy: EstimatedAccuracy | None = Field(description="Overall; null before any prediction.")
+    by_label: list[LabelEstimate] = Field(description="Per predicted label, lowest first.")
+    test_accuracy: float | None = Field(description="The version's accuracy on its test split.")
+    test_calibration_error: float | None = Field(
+        description="The version's expected calibration error on its test split.")
+
+    @classmethod
+    def from_overview(cls, overview: EstimateOverview) -> EstimateResponse:
+        estimate = overview.estimate
+        assert overview.model_version is not None
+        return cls(
+            model_version=overview.model_version, window=overview.window,
+            window_start=overview.start, window_end=overview.end,
+            accuracy=EstimatedAccuracy(**asdict(estimate.overall)) if estimate else None,
+            by_label=sorted(
+                (LabelEstimate(label=label, **asdict(e))
+                 for label, e in (estimate.by_label.items() if estimate else [])),
+                key=lambda e: (e.accuracy, e.label),
+            ),
+            test_accuracy=overview.test_accuracy,
+            test_calibration_error=overview.test_calibration_error,
         )
 
 

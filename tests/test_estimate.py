@@ -102,6 +102,17 @@ def test_estimated_accuracy_gauges_follow_the_logged_predictions(start_service) 
             pytest.approx(mean, abs=1e-9)
         )
 
+    # The same over HTTP, with the per-label counts and intervals.
+    body = httpx.get(service.url + "/estimate").json()
+    assert body["model_version"] == "v1" and body["window"] == 1000
+    assert body["accuracy"]["predictions"] == len(texts)
+    assert body["accuracy"]["accuracy"] == pytest.approx(overall, abs=1e-9)
+    assert (body["accuracy"]["lower"], body["accuracy"]["upper"]) == pytest.approx((lower, upper))
+    assert sum(e["predictions"] for e in body["by_label"]) == len(texts)
+    per_label = [e["accuracy"] for e in body["by_label"]]
+    assert per_label == sorted(per_label)
+    assert body["window_start"] <= body["window_end"]
+
     # The serving version's own figures: the baseline of the alert and its calibration error.
     import json
 
