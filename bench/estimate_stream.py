@@ -215,9 +215,11 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for dataset in dict.fromkeys(r["dataset"] for r in runs):
         chunks = [c for r in runs if r["dataset"] == dataset for c in r["per_chunk"]]
-        for part, shifted in (("in distribution (chunks 0-4)", False),
-                              ("after the shift (chunks 5-19)", True)):
-            part_chunks = [c for c in chunks if c["shifted"] == shifted]
+        last = max(c["chunk"] for c in chunks) - 4
+        for part, shifted, first in (("in distribution (chunks 0-4)", False, 0),
+                                     ("after the shift (chunks 5-19)", True, 0),
+                                     (f"after the shift, last 5 ({last}-{last + 4})", True, last)):
+            part_chunks = [c for c in chunks if c["shifted"] == shifted and c["chunk"] >= first]
             for arm in ARMS if shifted else ("never",):
                 errors = np.array([c[arm]["error"] for c in part_chunks])
                 rows.append({
