@@ -1,10 +1,11 @@
 """Calibrated confidence: a temperature fitted on the validation split and folded into the head.
 
-A head's softmax is rarely calibrated: a linear head fitted hard (large ``C``) is over-confident,
-an MLP trained with label smoothing under-confident. Temperature scaling (Guo et al., 2017)
-divides the logits by one number ``T`` chosen to minimise the negative log-likelihood of the
-validation split. It never changes a prediction (the arg-max is the same) and, with one parameter,
-cannot over-fit even a small validation split badly.
+A head's softmax is rarely calibrated: on refit's evaluation sets both heads are under-confident
+(the linear head held back by its L2 penalty, the MLP by label smoothing), by 5-13 points of ECE.
+Temperature scaling (Guo et al., 2017) divides the logits by one number ``T`` chosen to minimise
+the negative log-likelihood of the validation split (shrunk towards 1 when that split is small:
+:data:`PRIOR_LOG_SD`). It never changes a prediction (the arg-max is the same) and, with one
+parameter, cannot over-fit even a small validation split badly.
 
 Dividing the logits by ``T`` is the same as dividing the final linear layer's weights and bias by
 ``T``, for the linear head and the MLP alike (the last module of both is an ``nn.Linear``). So
@@ -35,8 +36,7 @@ from adapters.training.head import ClassifierHead
 
 ECE_BINS = 15
 TEMPERATURE_BOUNDS = (0.05, 20.0)
-"""The search interval for ``T``; on a validation split the head classifies perfectly the
-likelihood keeps improving as ``T`` falls, so the bound is where it stops."""
+"""The search interval for ``T``."""
 METHOD = "temperature"
 
 
@@ -74,21 +74,36 @@ def negative_log_likelihood(logits: np.ndarray, y: np.ndarray, temperature: floa
     return float(-log_p[np.arange(len(y)), y].mean())
 
 
-def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
-    """The ``T`` in :data:`TEMPERATURE_BOUNDS` minimising the validation NLL of ``logits / T``.
+PRIOR_LOG_SD = 0.5
+"""The fit is a MAP estimate with a normal prior on ``log T`` (mean 0, this deviation): on a
+validation split of a few dozen examples that the head nearly all gets right, the likelihood alone
+drives ``T`` towards 0 and makes the model sure of everything, off-topic text included (on the demo
+data it hid off-topic traffic from the confidence drift signal); the prior shrinks such a ``T``
+towards 1. With a thousand examples or more it moves ``T`` by less than 1%."""
 
-    The NLL is convex in ``1/T``, hence unimodal in ``log T``: a golden-section search on
-    ``log T`` finds the minimum to a relative precision of 1e-6. With no examples, ``T`` is 1.
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
+    """The ``T`` in :data:`TEMPERATURE_BOUNDS` minimising the validation log-loss of
+    ``logits / T`` (summed over examples) plus the prior's ``(log T)² / (2 σ²)``.
+
+    A grid of 200 points in ``log T`` brackets the minimum, a golden-section search refines it to
+    a relative precision of 1e-6. With no examples, ``T`` is 1.
     """
     if len(y) == 0:
         return 1.0
     logits = logits.astype(np.float64)
-    lo, hi = (math.log(b) for b in TEMPERATURE_BOUNDS)
-    ratio = (math.sqrt(5) - 1) / 2
+    n = len(y)
 
     def loss(log_t: float) -> float:
-        return negative_log_likelihood(logits, y, math.exp(log_t))
+        return n * negative_log_likelihood(logits, y, math.exp(log_t)) + log_t**2 / (
+            2 * PRIOR_LOG_SD**2
+        )
 
+    low, high = TEMPERATURE_BOUNDS
+    grid = np.linspace(math.log(low), math.log(high), 200)
+    best = int(np.argmin([loss(float(u)) for u in grid]))
+    lo, hi = float(grid[max(best - 1, 0)]), float(grid[min(best + 1, len(grid) - 1)])
+    ratio = (math.sqrt(5) - 1) / 2
     a, b = lo + (1 - ratio) * (hi - lo), lo + ratio * (hi - lo)
     fa, fb = loss(a), loss(b)
     while hi - lo > 1e-6:
