@@ -72,11 +72,15 @@ class LoadResult:
         return self.p99_ms / self.p50_ms if self.p50_ms else float("inf")
 
 
-def run_wrk(url: str, concurrency: int, seconds: int, bodies: Path, server_pid: int) -> LoadResult:
-    """Closed-loop load from wrk (a separate, light process) with ``concurrency`` connections."""
+def run_wrk(
+    url: str, concurrency: int, seconds: int, bodies: Path, server_pid: int,
+    script: Path | None = None, env: dict[str, str] | None = None,
+) -> LoadResult:
+    """Closed-loop load from wrk (a separate, light process) with ``concurrency`` connections;
+    ``script`` (default bench/predict.lua) and ``env`` set what it sends."""
     if shutil.which("wrk") is None:
         sys.exit("wrk not found: apt-get install wrk")
-    lua = ROOT / "bench" / "predict.lua"
+    lua = script or ROOT / "bench" / "predict.lua"
     before = cpu_seconds(server_pid)
     out = subprocess.run(
         [
@@ -92,7 +96,7 @@ def run_wrk(url: str, concurrency: int, seconds: int, bodies: Path, server_pid: 
         ],
         capture_output=True,
         text=True,
-        env={**os.environ, "REFIT_BENCH_BODIES": str(bodies)},
+        env={**os.environ, "REFIT_BENCH_BODIES": str(bodies), **(env or {})},
         check=True,
     ).stdout
     used = cpu_seconds(server_pid) - before

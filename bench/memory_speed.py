@@ -5,7 +5,11 @@ a :class:`adapters.serving.memory.FeedbackMemory` of 100 to 100,000 entries; the
 99th percentile of the wall time per call are reported, for batch sizes 1 and 64, and the median
 CPU time of the process per call (on a busy machine wall time mostly measures waiting for a core;
 CPU time is the work itself). BLAS threads are fixed per run (``--threads``, default 1: a serving
-worker shares the cores with the others).
+worker shares the cores with the others). The memory is set up as a worker's: 50 labels the model
+knows (with their class prototypes as the reference) and 10 it does not, so the prototype rule
+runs on every row the entries leave unanswered (random queries: all of them). The same lookups
+without the rule (no reference: the nearest entry alone) are timed in the same run, for the
+rule's cost.
 
     .venv/bin/python bench/memory_speed.py [--threads 1] [--sizes 100 1000 ...]
 """
@@ -33,7 +37,7 @@ def main() -> None:
     import numpy as np
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from adapters.serving.memory import FeedbackMemory
+    from adapters.serving.memory import DEFAULT_NEW_LABEL_MARGIN, FeedbackMemory
     from bench.common import save
 
     rng = np.random.default_rng(0)
@@ -44,27 +48,40 @@ def main() -> None:
 
     rows = []
     print(f"BLAS threads {args.threads}")
-    print("| entries | batch | median ms | p99 ms | CPU ms (median) |")
-    print("|---|---|---|---|---|")
+    print("| entries | batch | median ms | p99 ms | CPU ms (median) | CPU ms, nearest entry only |")
+    print("|---|---|---|---|---|---|")
+
+    def timed(memory: FeedbackMemory, queries: np.ndarray, repeats: int) -> tuple[list, list]:
+        for _ in range(3):
+            memory.lookup(queries)
+        times, cpu = [], []
+        for _ in range(repeats):
+            started, started_cpu = time.perf_counter(), time.process_time()
+            memory.lookup(queries)
+            times.append(time.perf_counter() - started)
+            cpu.append(time.process_time() - started_cpu)
+        return times, cpu
+
     for size in args.sizes:
-        memory = FeedbackMemory(known_labels=[f"l{i}" for i in range(50)])
-        memory.add(list(range(size)), unit((size, 384)), [f"l{i % 60}" for i in range(size)])
+        vectors = unit((size, 384))
+        labels = [f"l{i % 60}" for i in range(size)]
+        known = [f"l{i}" for i in range(50)]
+        memory = FeedbackMemory(known_labels=known, reference=unit((50, 384)),
+                                new_label_margin=DEFAULT_NEW_LABEL_MARGIN)
+        plain = FeedbackMemory(known_labels=known)
+        for m in (memory, plain):
+            m.add(list(range(size)), vectors, labels)
         for batch in (1, 64):
             queries = unit((batch, 384))
             repeats = max(10, args.repeats if size <= 20000 else args.repeats // 10)
-            for _ in range(3):
-                memory.lookup(queries)
-            times, cpu = [], []
-            for _ in range(repeats):
-                started, started_cpu = time.perf_counter(), time.process_time()
-                memory.lookup(queries)
-                times.append(time.perf_counter() - started)
-                cpu.append(time.process_time() - started_cpu)
+            times, cpu = timed(memory, queries, repeats)
+            _, plain_cpu = timed(plain, queries, repeats)
             median, p99 = np.median(times) * 1000, np.percentile(times, 99) * 1000
-            cpu_ms = np.median(cpu) * 1000
+            cpu_ms, plain_ms = np.median(cpu) * 1000, np.median(plain_cpu) * 1000
             rows.append({"entries": size, "batch": batch, "median_ms": median, "p99_ms": p99,
-                         "cpu_median_ms": cpu_ms})
-            print(f"| {size:,} | {batch} | {median:.3f} | {p99:.3f} | {cpu_ms:.3f} |", flush=True)
+                         "cpu_median_ms": cpu_ms, "cpu_median_ms_nearest_only": plain_ms})
+            print(f"| {size:,} | {batch} | {median:.3f} | {p99:.3f} | {cpu_ms:.3f} | "
+                  f"{plain_ms:.3f} |", flush=True)
     save(f"memory-speed-threads{args.threads}", rows)
 
 

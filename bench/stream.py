@@ -24,16 +24,21 @@ arrived and serves from the next chunk on.
 
 Four ways of serving the same stream:
 - never: the first model, never adapted;
-- memory: the first model, with the feedback memory (all feedback, thresholds recalibrated at
-  every chunk on all feedback by leave-one-out);
+- memory: the first model, with the feedback memory (all feedback, thresholds and the prototype
+  rule's margin recalibrated at every chunk on all feedback by leave-one-out; the model's class
+  prototypes from its training data, as the service reads them from the version folder);
 - retrain: every retrain promoted, no memory;
 - both: retrains and the memory; after each promotion the memory keeps only the entries the new
   head gets wrong, and is calibrated on the feedback the serving head never trained on.
 
+A fifth, not plotted: ``memory-nearest``, the memory arm without the prototype rule (the nearest
+entry alone decides), for comparison.
+
     .venv/bin/python bench/stream.py [--datasets hwu64 banking77] [--search grid|none]
 
-Writes bench/figures/stream-<dataset>.png, bench/results/stream-<dataset>.json, and prints the
-markdown tables that BENCHMARKS.md carries.
+Writes bench/figures/stream-<dataset>.png, bench/results/stream-<dataset>.json (other seeds and
+``--search none``: stream-<dataset>-seed<N>-<search>.*), and prints the markdown tables that
+BENCHMARKS.md carries.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from adapters.serving.memory import (
     Calibration,
     FeedbackMemory,
     calibrate_threshold,
+    class_prototypes,
     prune_to_mistakes,
 )
 from bench.common import ROOT, save
@@ -62,6 +68,9 @@ from bench.datasets import Benchmark, load
 
 FIGURES = ROOT / "bench" / "figures"
 ARMS = ("never", "memory", "retrain", "both")
+NEAREST_ARM = "memory-nearest"
+"""Not plotted: the memory arm without the prototype rule (the nearest entry alone decides)."""
+ALL_ARMS = (*ARMS, NEAREST_ARM)
 TARGET_RECALL = 0.6
 # What adapters/training/retrain.py does (settings defaults and module constants).
 REPLAY_ROWS = 5000
@@ -98,6 +107,15 @@ class Version:
     y_val: list[str]
     trained_on: set[int] = field(default_factory=set)
     """Feedback ids in its training or validation data (directly, or through replay)."""
+    _prototypes: np.ndarray | None = None
+
+    @property
+    def prototypes(self) -> np.ndarray:
+        """Its class prototypes from its training data (what the service reads from the version
+        folder for the memory's prototype rule)."""
+        if self._prototypes is None:
+            self._prototypes = class_prototypes(self.x_train, self.y_train, self.labels)
+        return self._prototypes
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         from adapters.training.head import head_probabilities
@@ -233,15 +251,23 @@ def build_stream(bench: Benchmark, options: StreamOptions) -> Stream:
 
 
 def calibrated(
-    memory: FeedbackMemory, version: Version, x: np.ndarray, labels: list[str], ids: list[int]
+    memory: FeedbackMemory, version: Version, x: np.ndarray, labels: list[str], ids: list[int],
+    prototype_rule: bool = True,
 ) -> Calibration:
-    """Calibrate on the feedback the serving head never trained on (held out or newer)."""
+    """Calibrate on the feedback the serving head never trained on (held out or newer).
+
+    With ``prototype_rule``, the memory weighs labels the model does not know against the
+    version's class prototypes (as the service does); without, only the nearest entry decides.
+    """
     unseen = [i for i, fid in enumerate(ids) if fid not in version.trained_on]
+    reference = version.prototypes if prototype_rule else None
     calibration = calibrate_threshold(
-        x[unseen], [labels[i] for i in unseen], list(version.predict(x[unseen])), version.labels
+        x[unseen], [labels[i] for i in unseen], list(version.predict(x[unseen])), version.labels,
+        reference=reference,
     )
     memory.set_thresholds(calibration)
     memory.set_known_labels(version.labels)
+    memory.set_reference(reference)
     return calibration
 
 
@@ -257,12 +283,11 @@ def run(name: str, options: StreamOptions) -> dict[str, Any]:
     memories = {
         "memory": FeedbackMemory(known_labels=v1.labels),
         "both": FeedbackMemory(known_labels=v1.labels),
-        # Not plotted: the memory arm with a similarity-weighted vote of the 5 nearest entries.
-        "memory-vote": FeedbackMemory(known_labels=v1.labels, neighbours=5),
+        NEAREST_ARM: FeedbackMemory(known_labels=v1.labels),
     }
     n = len(stream.labels)
     truth = np.array(stream.labels, dtype=object)
-    correct = {arm: np.zeros(n, dtype=bool) for arm in (*ARMS, "memory-vote")}
+    correct = {arm: np.zeros(n, dtype=bool) for arm in ALL_ARMS}
     from_memory = {arm: np.zeros(n, dtype=bool) for arm in memories}
     fb_ids: list[int] = []
     fb_x_rows: list[int] = []
@@ -279,7 +304,7 @@ def run(name: str, options: StreamOptions) -> dict[str, Any]:
     probe_cache: dict[tuple[str, str], np.ndarray] = {}
 
     def probe_recall(arm: str) -> dict[str, float]:
-        version = versions["memory" if arm == "memory-vote" else arm]
+        version = versions["memory" if arm == NEAREST_ARM else arm]
         out = {}
         for label, px in stream.probes.items():
             key = (version.name, label)
@@ -308,15 +333,16 @@ def run(name: str, options: StreamOptions) -> dict[str, Any]:
             for arm in ("memory", "both"):
                 cal = calibrated(memories[arm], versions[arm], fb_x, fb_labels, fb_ids)
                 record[arm] = cal.to_dict()
-            memories["memory-vote"].set_thresholds(
-                Calibration(**{k: v for k, v in record["memory"].items()}))
+            cal = calibrated(memories[NEAREST_ARM], versions["memory"], fb_x, fb_labels, fb_ids,
+                             prototype_rule=False)
+            record[NEAREST_ARM] = cal.to_dict()
             calibrations.append(record)
         rows = np.flatnonzero(stream.chunk == c)
         for start in range(0, len(rows), options.batch_size):
             batch = rows[start : start + options.batch_size]
             xb = stream.x[batch]
-            for arm in (*ARMS, "memory-vote"):
-                version = versions["memory" if arm == "memory-vote" else arm]
+            for arm in ALL_ARMS:
+                version = versions["memory" if arm == NEAREST_ARM else arm]
                 answer = version.predict(xb)
                 if arm in memories:
                     matches = memories[arm].lookup(xb)
@@ -352,7 +378,7 @@ def run(name: str, options: StreamOptions) -> dict[str, Any]:
                 "chunk": c,
                 "predictions": int(batch[-1] + 1),
                 "seen": dict(label_seen), "feedback": dict(label_feedback),
-                "recall": {arm: probe_recall(arm) for arm in (*ARMS, "memory-vote")},
+                "recall": {arm: probe_recall(arm) for arm in ALL_ARMS},
             })
             if since_retrain >= options.retrain_after and pending is None:
                 pending, info = retrain(
@@ -370,7 +396,7 @@ def run(name: str, options: StreamOptions) -> dict[str, Any]:
         in_chunk = stream.chunk == c
         entry: dict[str, Any] = {"chunk": c, "predictions": int(in_chunk.sum()),
                                  "new_label_share": round(float(is_new[in_chunk].mean()), 3)}
-        for arm in (*ARMS, "memory-vote"):
+        for arm in ALL_ARMS:
             entry[arm] = {
                 "accuracy": float(correct[arm][in_chunk].mean()),
                 "old": float(correct[arm][in_chunk & ~is_new].mean()),
@@ -386,10 +412,10 @@ def run(name: str, options: StreamOptions) -> dict[str, Any]:
             "answered_by_memory": float(from_memory[arm].mean()) if arm in from_memory else 0.0,
             "last_5_chunks": float(correct[arm][stream.chunk >= options.chunks - 5].mean()),
         }
-        for arm in (*ARMS, "memory-vote")
+        for arm in ALL_ARMS
     }
     reach = {}
-    for arm in (*ARMS, "memory-vote"):
+    for arm in ALL_ARMS:
         reach[arm] = {}
         for label in stream.new_labels:
             hit = next((t for t in timeline if t["recall"][arm][label] >= TARGET_RECALL), None)
@@ -415,9 +441,18 @@ def run(name: str, options: StreamOptions) -> dict[str, Any]:
         "timeline": timeline,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    save(f"stream-{name}", result)
-    plot(result, FIGURES / f"stream-{name}.png")
+    stem = result_stem(name, options)
+    save(stem, result)
+    plot(result, FIGURES / f"{stem}.png")
     return result
+
+
+def result_stem(name: str, options: StreamOptions) -> str:
+    """``stream-<dataset>`` for the default options (the figures BENCHMARKS.md shows); other
+    seeds and search modes get their own files (``stream-<dataset>-seed1-none``)."""
+    if (options.seed, options.search) == (StreamOptions.seed, StreamOptions.search):
+        return f"stream-{name}"
+    return f"stream-{name}-seed{options.seed}-{options.search}"
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -475,10 +510,10 @@ def markdown(result: dict[str, Any]) -> str:
         f"{', '.join(f'`{lab}`' for lab in result['new_labels'])} from chunk "
         f"{result['options']['new_from_chunk']}, {len(result['retrains'])} retrains."),
         "",
-        "| | never | memory | retrain | both | memory, 5-NN vote |",
+        "| | never | memory | retrain | both | memory, nearest entry only |",
         "|---|---|---|---|---|---|",
     ]
-    arms = (*ARMS, "memory-vote")
+    arms = ALL_ARMS
     for key, title in (("accuracy", "accuracy, whole stream"), ("old", "old labels"),
                        ("new", "new labels (in-stream recall)"),
                        ("last_5_chunks", "accuracy, last 5 chunks"),

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs besides the project's venv: checkov in a venv of its own,
-# and from Debian a real Prometheus (and promtool) for the monitoring tests. PostgreSQL 15 is
+# and from Debian a real Prometheus (and promtool) for the monitoring tests and HAProxy for the
+# two-replica cluster test (tests/test_cluster.py). PostgreSQL 15 is
 # expected to be installed; the tests start their own cluster.
 # Without root or apt, it says what is missing and the tests that need it skip with that reason.
 set -uo pipefail
@@ -17,6 +18,7 @@ fi
 
 need=()
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi
@@ -31,4 +33,5 @@ apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends 
 # The package starts a system-wide server on :9090 where an init system runs; the tests start
 # their own on free ports, so stop it if it came up.
 (command -v service >/dev/null 2>&1 && service prometheus stop >/dev/null 2>&1) || true
+(command -v service >/dev/null 2>&1 && service haproxy stop >/dev/null 2>&1) || true
 exit 0

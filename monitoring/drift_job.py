@@ -1,18 +1,17 @@
-"""The periodic monitoring job: drift and online accuracy, in a process of its own.
+"""The periodic monitoring job: drift, online accuracy and the review queue's size, in a process.
 
 ``python -m monitoring.drift_job`` loops every ``REFIT_DRIFT_INTERVAL_S``: it compares the newest
 predictions of the serving version with that version's reference (see ``monitoring.drift``),
-writes the result to ``<data_dir>/drift/latest.json`` and Evidently's HTML report to
-``<data_dir>/drift/report.html`` (both replaced atomically), sets the drift gauges, and computes
-online accuracy from feedback and accuracy estimated without labels (``monitoring.estimate``).
-It runs at low priority, off every request path, and exits when
-the serving worker that started it goes away. One per server: see ``monitoring.leader``.
+writes the result and Evidently's HTML report to the store (``monitoring.drift_store``: every
+replica serves the same ones), sets the drift gauges, and computes online accuracy from feedback
+and accuracy estimated without labels (``monitoring.estimate``). It runs at low priority, off
+every request path, and exits when the serving worker that started it goes away. One per machine
+with SQLite, one per cluster with PostgreSQL: see ``monitoring.leader``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -25,9 +24,9 @@ import numpy as np
 
 from adapters.serving.registry import ModelRegistry
 from monitoring.drift import DriftResult, Reference, Thresholds, Window, detect
+from monitoring.drift_store import DriftResultStore
 from monitoring.estimate import AccuracyEstimate, estimate_accuracy
 from monitoring.metrics import metrics
-from refit.files import atomic_write_bytes
 from refit.logs import configure_logging
 from refit.settings import RefitSettings, load_settings
 from refit.store import Store
@@ -36,6 +35,7 @@ log = logging.getLogger("refit.drift")
 
 
 def drift_dir(settings: RefitSettings) -> Path:
+    """The drift job's own folder (its log, and the report while Evidently writes it)."""
     return Path(settings.data_dir) / "drift"
 
 
@@ -53,6 +53,7 @@ class DriftJob:
         self.settings = settings
         self.store = store
         self.registry = ModelRegistry(settings.registry_path)
+        self.results = DriftResultStore(store.engine)
         self.folder = drift_dir(settings)
         self.folder.mkdir(parents=True, exist_ok=True)
         self._reference: Reference | None = None
@@ -101,9 +102,7 @@ class DriftJob:
         m.drift_last_run.set(time.time())
         result.seconds = round(time.perf_counter() - started, 3)
         m.drift_run_duration.observe(result.seconds)
-        atomic_write_bytes(
-            self.folder / "latest.json", json.dumps(result.to_dict(), indent=1).encode()
-        )
+        self.results.save_result(result.to_dict())
         return result
 
     def _empty(self, status: str, version: str | None, size: int, message: str) -> DriftResult:
@@ -115,8 +114,11 @@ class DriftJob:
 
     def _write_report(self, snapshot: Any) -> None:
         temporary = self.folder / f".report-{os.getpid()}.html"
-        snapshot.save_html(str(temporary))
-        os.replace(temporary, self.folder / "report.html")
+        try:
+            snapshot.save_html(str(temporary))
+            self.results.save_report(temporary.read_bytes())
+        finally:
+            temporary.unlink(missing_ok=True)
 
     def update_online_accuracy(self) -> dict[str, Any]:
         count, accuracy, per_label = self.store.online_accuracy(
@@ -163,6 +165,19 @@ class DriftJob:
         self._estimated_labels = set(result.by_label)
         return result
 
+    def update_review_queue(self) -> int | None:
+        """Set the review queue's size: unlabelled, unexpired predictions of the serving version
+        below the confidence threshold (``None`` while no version serves)."""
+        pointer = self.registry.pointer()
+        if pointer is None:
+            return None
+        size = self.store.count_review_queue(
+            pointer.version, self.settings.review_queue_threshold,
+            time.time() - self.settings.retention_days * 86400,
+        )
+        metrics().review_queue.set(size)
+        return size
+
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s drift %(levelname)s %(message)s")
@@ -182,6 +197,7 @@ def main() -> int:
         try:
             result = job.run_once()
             job.update_online_accuracy()
+            job.update_review_queue()
             log.info(
                 "drift %s: %s (window %d, %.2fs)",
                 result.status,

@@ -252,6 +252,15 @@ class RefitMetrics:
             ["split"], multiprocess_mode="mostrecent",
         )
 
+    @cached_property
+    def review_queue(self) -> Gauge:
+        return Gauge(
+            "refit_review_queue_predictions",
+            "Unlabelled predictions of the serving version below REFIT_REVIEW_QUEUE_THRESHOLD "
+            "confidence: what GET /review has to offer.",
+            multiprocess_mode="mostrecent",
+        )
+
     # -- retraining -----------------------------------------------------------------------------
     @cached_property
     def retrain_jobs(self) -> Counter:

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
+
+
+def instance_name(configured: str | None = None) -> str:
+    """This replica's name in records other replicas read: the configured one
+    (``REFIT_INSTANCE_NAME``), else the host name, which in Kubernetes is the pod's name."""
+    return configured or socket.gethostname()
 
 
 def pid_alive(pid: int) -> bool:

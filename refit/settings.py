@@ -70,6 +70,9 @@ class RefitSettings(BaseSettings):
     truncates to its maximum token length."""
     max_body_bytes: int = Field(1_048_576, ge=1024)
     """Largest request body accepted; larger bodies get 413."""
+    inference_model_name: str = Field("refit", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    """The model's name on the Open Inference Protocol (v2) endpoints: ``/v2/models/<name>/...``
+    (its versions are the registry's, ``v1``, ``v2``, ...)."""
     batch_max_size: int = Field(64, ge=2, le=1024)
     """Most texts the adaptive batcher puts into one inference call."""
     keepalive_requests: int = Field(100, ge=0)
@@ -160,6 +163,30 @@ class RefitSettings(BaseSettings):
     """Most recent predictions of the serving version whose calibrated confidences estimate its
     accuracy without labels (computed by the drift job, every ``REFIT_DRIFT_INTERVAL_S``)."""
 
+    # -- several replicas sharing one store and one registry -------------------------------------
+    instance_name: str | None = None
+    """This replica's name in records other replicas read (retrain jobs, the drift job's lease);
+    unset: the host name, which in Kubernetes is the pod's name."""
+    heartbeat_interval_s: float = Field(5.0, gt=0, le=60)
+    """How often a running retrain job and the leader of the drift job renew their heartbeat in
+    the store."""
+    lease_timeout_s: float = Field(20.0, ge=2, le=600)
+    """A retrain job or drift-job leader on another replica that has not renewed its heartbeat for
+    this long is presumed dead: the job shows `failed` and another replica takes over."""
+    staging_stale_after_s: float = Field(3600.0, ge=60)
+    """A folder in the registry's staging area that another host has not written to for this long
+    is presumed abandoned and removed (a host's own dead writers are removed at once)."""
+    # -- review queue (what to label next) ------------------------------------------------------
+    review_max_limit: int = Field(100, ge=1, le=1000)
+    """Most predictions one ``GET /review`` returns (its ``limit`` may not exceed this)."""
+    review_diverse_pool_factor: int = Field(2, ge=1, le=20)
+    """The ``diverse`` strategy clusters this many times ``limit`` of the least confident candidates
+    and picks one per cluster. Larger spreads the picks wider but takes less uncertain ones (2
+    measured best in bench/active_learning.py)."""
+    review_queue_threshold: float = Field(0.5, gt=0, le=1)
+    """The review queue's size (``refit_review_queue_predictions``) counts unlabelled predictions
+    of the serving version whose confidence is below this."""
+
     # -- logging ----------------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Level of refit's own log messages (the ``refit.*`` loggers) in the serving workers, the
@@ -187,6 +214,11 @@ class RefitSettings(BaseSettings):
     def _consistent(self) -> RefitSettings:
         if self.drift_min_window > self.drift_window:
             raise ValueError("REFIT_DRIFT_MIN_WINDOW must not exceed REFIT_DRIFT_WINDOW")
+        if self.lease_timeout_s < 2 * self.heartbeat_interval_s:
+            raise ValueError(
+                "REFIT_LEASE_TIMEOUT_S must be at least twice REFIT_HEARTBEAT_INTERVAL_S, so one "
+                "late heartbeat does not declare a live job dead"
+            )
         return self
 
     @property

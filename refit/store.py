@@ -28,6 +28,7 @@ from sqlalchemy import (
     Column,
     Dialect,
     Float,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -92,6 +93,15 @@ predictions = Table(
     Column("label", String(200), nullable=False),
     Column("confidence", Float, nullable=False),
     Column("embedding", LargeBinary, nullable=False),
+    # Top-1 less top-2 model probability (the review queue's `margin` strategy); NULL on rows
+    # logged before it was recorded.
+    Column("margin", Float, nullable=True),
+    # The review queue walks these in order: (version, score, id) answers "the least confident
+    # unlabelled predictions of this version" from the index, stopping after the first few;
+    # created_at in the index lets expired rows be skipped, and the queue's size be counted,
+    # without reading the rows themselves.
+    Index("ix_predictions_review_confidence", "model_version", "confidence", "id", "created_at"),
+    Index("ix_predictions_review_margin", "model_version", "margin", "id", "created_at"),
 )
 
 feedback = Table(
@@ -147,6 +157,22 @@ class PredictionRecord:
     label: str
     confidence: float
     embedding: bytes
+    margin: float | None = None
+    """The model's top-1 less top-2 probability (``None`` on rows logged before it was kept)."""
+
+
+@dataclass(frozen=True)
+class ReviewCandidate:
+    """An unlabelled logged prediction, as the review queue considers it."""
+
+    id: str
+    created_at: float
+    text: str
+    label: str
+    confidence: float
+    margin: float | None
+    embedding: np.ndarray | None
+    """Only when asked for (the ``diverse`` strategy clusters them)."""
 
 
 @dataclass(frozen=True)
@@ -305,6 +331,7 @@ class Store:
         for attempt in range(5):
             try:
                 metadata.create_all(engine)
+                _upgrade_schema(engine)
                 break
             except (OperationalError, ProgrammingError, IntegrityError):
                 if attempt == 4:
@@ -407,6 +434,73 @@ class Store:
                     delete(predictions).where(predictions.c.created_at <= boundary)
                 ).rowcount
         return int(deleted or 0)
+
+    # -- review queue ---------------------------------------------------------------------------
+
+    def review_candidates(
+        self,
+        model_version: str,
+        order_by: Literal["confidence", "margin"],
+        not_before: float,
+        limit: int,
+        with_embeddings: bool = False,
+    ) -> list[ReviewCandidate]:
+        """The ``limit`` unlabelled predictions of ``model_version`` logged at or after
+        ``not_before`` with the lowest ``order_by`` (ties by id), lowest first.
+
+        "Unlabelled": no feedback item names the prediction's id. Served by the index on
+        ``(model_version, <order_by>, id)``: the scan stops once ``limit`` rows qualify, skipping
+        only the labelled and the expired (which retention deletes within a minute).
+        """
+        score = predictions.c[order_by]
+        labelled = select(feedback.c.id).where(feedback.c.prediction_id == predictions.c.id)
+        columns = [predictions.c[name] for name in
+                   ("id", "created_at", "text", "label", "confidence", "margin")]
+        if with_embeddings:
+            columns.append(predictions.c.embedding)
+        statement = (
+            select(*columns)
+            .where(
+                predictions.c.model_version == model_version,
+                score.is_not(None),
+                predictions.c.created_at >= not_before,
+                ~labelled.exists(),
+            )
+            .order_by(score, predictions.c.id)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [
+                ReviewCandidate(
+                    row.id, row.created_at, row.text, row.label, row.confidence, row.margin,
+                    bytes_vector(row.embedding) if with_embeddings else None,
+                )
+                for row in conn.execute(statement)
+            ]
+
+    def labelled_texts(self, texts: Iterable[str]) -> set[str]:
+        """Those of ``texts`` that some feedback item already labels (by id or as text)."""
+        wanted = list(set(texts))
+        if not wanted:
+            return set()
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(feedback.c.text).where(feedback.c.text.in_(wanted)))
+            return {row.text for row in rows}
+
+    def count_review_queue(
+        self, model_version: str, below_confidence: float, not_before: float
+    ) -> int:
+        """Unlabelled predictions of ``model_version`` logged at or after ``not_before`` whose
+        confidence is below ``below_confidence`` (an index range scan)."""
+        labelled = select(feedback.c.id).where(feedback.c.prediction_id == predictions.c.id)
+        statement = select(func.count()).select_from(predictions).where(
+            predictions.c.model_version == model_version,
+            predictions.c.confidence < below_confidence,
+            predictions.c.created_at >= not_before,
+            ~labelled.exists(),
+        )
+        with self.engine.connect() as conn:
+            return int(conn.execute(statement).scalar_one())
 
     # -- feedback -----------------------------------------------------------------------------
 
@@ -636,6 +730,31 @@ class Store:
         with self.engine.begin() as conn:
             conn.execute(update(retrain_jobs).where(retrain_jobs.c.id == job_id).values(**values))
 
+    def heartbeat_job(self, job_id: str) -> bool:
+        """Renew a running job's heartbeat (its ``updated_at``); ``False`` if the job is no longer
+        running (it ended, or another replica declared it dead)."""
+        with self.engine.begin() as conn:
+            renewed = conn.execute(
+                update(retrain_jobs)
+                .where(retrain_jobs.c.id == job_id, retrain_jobs.c.running == 1)
+                .values(updated_at=time.time())
+            ).rowcount
+        return bool(renewed)
+
+    def fail_running_job(self, job_id: str, seen_updated_at: float, error: str) -> bool:
+        """Mark a running job failed, unless it changed since it was read with ``updated_at ==
+        seen_updated_at`` (a heartbeat arrived in between); whether it was marked."""
+        with self.engine.begin() as conn:
+            marked = conn.execute(
+                update(retrain_jobs)
+                .where(
+                    retrain_jobs.c.id == job_id, retrain_jobs.c.running == 1,
+                    retrain_jobs.c.updated_at == seen_updated_at,
+                )
+                .values(phase="failed", running=None, error=error, updated_at=time.time())
+            ).rowcount
+        return bool(marked)
+
     def get_job(self, job_id: str) -> Job:
         with self.engine.connect() as conn:
             row = conn.execute(select(retrain_jobs).where(retrain_jobs.c.id == job_id)).first()
@@ -654,6 +773,32 @@ class Store:
                 select(retrain_jobs).order_by(retrain_jobs.c.created_at.desc()).limit(limit)
             ).all()
         return [_job(row._asdict()) for row in rows]
+
+
+def _upgrade_schema(engine: Engine) -> None:
+    """Bring a database made by an older refit up to date: columns and indexes added since.
+
+    ``create_all`` creates missing tables only. Idempotent, and safe when several workers start
+    at once: a column or index another worker just added is not an error.
+    """
+    from sqlalchemy import inspect
+
+    columns = {column["name"] for column in inspect(engine).get_columns("predictions")}
+    if "margin" not in columns:
+        try:
+            with engine.begin() as conn:
+                conn.execute(sql_text("ALTER TABLE predictions ADD COLUMN margin FLOAT"))
+        except (OperationalError, ProgrammingError):
+            columns = {column["name"] for column in inspect(engine).get_columns("predictions")}
+            if "margin" not in columns:
+                raise
+    for index in predictions.indexes:
+        try:
+            index.create(engine, checkfirst=True)
+        except (OperationalError, ProgrammingError, IntegrityError):
+            existing = {i["name"] for i in inspect(engine).get_indexes("predictions")}
+            if index.name not in existing:
+                raise
 
 
 def _event(feedback_id: int, label: str | None, at: float) -> dict[str, Any]:

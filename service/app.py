@@ -53,9 +53,12 @@ from refit.errors import (
 )
 from refit.logs import configure_logging
 from refit.settings import RefitSettings, load_settings
+from service import inference_protocol
 from service.access import RateLimiter, RoleGuard, admin_guard, feedback_guard
 from service.composition import build_data_plane, freeze_heap
 from service.dataplane import DataPlane
+from service.inference_protocol import InferenceProtocol
+from service.jobs import JOB_ID
 from service.openapi import Operation, Parameter, openapi_document
 from service.schemas import (
     MAX_ID,
@@ -79,6 +82,8 @@ from service.schemas import (
     RetrainJob,
     RetrainJobList,
     RetrainRequest,
+    ReviewQuery,
+    ReviewResponse,
 )
 from service.security import SecurityHeadersMiddleware, page_policy
 
@@ -173,6 +178,20 @@ async def read_json(request: Request, model: type[Model], limit: int) -> Model:
             f"expected content-type application/json, got {media_type or 'none'!r}",
             field="content-type",
         )
+    body = await read_body(request, limit)
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False, include_context=False)
+        if any(e["type"] == "json_invalid" for e in errors):
+            raise BadRequestError(
+                f"body is not valid JSON: {errors[0]['msg']}", field="body"
+            ) from None
+        raise invalid_input(errors) from None
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, of any media type: 413 when larger than ``limit`` bytes."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(f"body of {declared} bytes exceeds the {limit}-byte limit")
@@ -186,16 +205,7 @@ async def read_json(request: Request, model: type[Model], limit: int) -> Model:
             chunks.append(chunk)
     except ClientDisconnect:
         raise BadRequestError("client disconnected while sending the body") from None
-    body = b"".join(chunks)
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as exc:
-        errors = exc.errors(include_url=False, include_input=False, include_context=False)
-        if any(e["type"] == "json_invalid" for e in errors):
-            raise BadRequestError(
-                f"body is not valid JSON: {errors[0]['msg']}", field="body"
-            ) from None
-        raise invalid_input(errors) from None
+    return b"".join(chunks)
 
 
 def read_query(request: Request, model: type[Model]) -> Model:
@@ -259,6 +269,7 @@ class Api:
         self.endpoints: dict[str, str] = {}
         self.feedback_limit = RateLimiter(settings.feedback_rate_per_minute, 60, "feedback items")
         self.retrain_limit = RateLimiter(settings.retrain_rate_per_hour, 3600, "retrain requests")
+        self.v2 = InferenceProtocol(plane, settings)
 
     async def body(self, request: Request, model: type[Model]) -> Model:
         return await read_json(request, model, self.settings.max_body_bytes)
@@ -287,6 +298,12 @@ class Api:
     async def delete_feedback(self, request: Request) -> Response:
         await self.plane.delete_feedback(path_id(request, "feedback_id"))
         return Response(status_code=204)
+
+    async def review(self, request: Request) -> Response:
+        query = read_query(request, ReviewQuery)
+        return json_response(
+            ReviewResponse.from_queue(await self.plane.review(query.strategy, query.limit))
+        )
 
     async def labels(self, request: Request) -> Response:
         return json_response(LabelsResponse.from_overview(await self.plane.labels()))
@@ -321,13 +338,13 @@ class Api:
         return json_response(RetrainJobList(jobs=[RetrainJob.from_job(job) for job in jobs]))
 
     async def drift(self, request: Request) -> Response:
-        return json_response(DriftResponse.model_validate(self.plane.drift()))
+        return json_response(DriftResponse.model_validate(await self.plane.drift()))
 
     async def estimate(self, request: Request) -> Response:
         return json_response(EstimateResponse.from_overview(await self.plane.estimate()))
 
     async def drift_report(self, request: Request) -> Response:
-        body, policy = self.plane.drift_report()
+        body, policy = await self.plane.drift_report()
         return Response(body, media_type="text/html; charset=utf-8",
                         headers={"content-security-policy": policy})
 
@@ -344,6 +361,38 @@ class Api:
     async def openapi_json(self, request: Request) -> Response:
         return Response(self.openapi, media_type="application/json")
 
+    # -- the Open Inference Protocol (v2): service/inference_protocol.py --------------------------
+
+    async def v2_server(self, request: Request) -> Response:
+        return protocol_reply(self.v2.server_metadata())
+
+    async def v2_live(self, request: Request) -> Response:
+        return protocol_reply(self.v2.live())
+
+    async def v2_ready(self, request: Request) -> Response:
+        return protocol_reply(self.v2.ready())
+
+    async def v2_model(self, request: Request) -> Response:
+        path = request.path_params
+        return protocol_reply(
+            await self.v2.model_metadata(path["model_name"], path.get("model_version"))
+        )
+
+    async def v2_model_ready(self, request: Request) -> Response:
+        path = request.path_params
+        return protocol_reply(
+            await self.v2.model_ready(path["model_name"], path.get("model_version"))
+        )
+
+    async def v2_infer(self, request: Request) -> Response:
+        path = request.path_params
+        body = await read_body(request, self.settings.max_body_bytes)
+        headers = request.headers
+        return protocol_reply(await self.v2.infer(
+            path["model_name"], path.get("model_version"), body,
+            headers.get(inference_protocol.HEADER_LENGTH), headers.get("content-encoding"),
+        ))
+
     async def docs(self, request: Request) -> Response:
         return Response(DOCS_PAGE, media_type="text/html; charset=utf-8",
                         headers={"content-security-policy": DOCS_POLICY})
@@ -359,6 +408,10 @@ class Api:
         )
 
 
+def protocol_reply(reply: inference_protocol.Reply) -> Response:
+    return Response(reply.body, media_type=reply.media_type, headers=reply.headers)
+
+
 def operations(api: Api | None) -> list[Operation]:
     """Every endpoint of the service, once. ``api=None`` gives the table without handlers (for
     the document alone)."""
@@ -367,7 +420,10 @@ def operations(api: Api | None) -> list[Operation]:
         return getattr(api, name) if api is not None else None
 
     not_ready = {503: "No model is loaded yet."}
-    job_id = Parameter("job_id", "path", {"type": "string", "maxLength": 64}, "A retrain job's id.",
+    # Path parameters state their exact form: BentoML's own router answers a path holding a line
+    # break with a plain-text 404 before our app sees it.
+    job_id = Parameter("job_id", "path", {"type": "string", "pattern": f"^{JOB_ID.pattern}$"},
+                       "A retrain job's id.",
                        example="job-20261123-180000-a1b2c3")
     feedback_id = Parameter(
         "feedback_id", "path", {"type": "integer", "minimum": 1, "maximum": MAX_ID},
@@ -399,6 +455,13 @@ def operations(api: Api | None) -> list[Operation]:
                   "Delete a feedback item", h("delete_feedback"), status=204, admin=True,
                   tag="feedback", parameters=(feedback_id,),
                   errors={404: "No such feedback item.", 422: "`feedback_id` is not an id."}),
+        Operation("GET", "/review", "review",
+                  "The unlabelled predictions most worth labelling next (active learning)",
+                  h("review"), response=ReviewResponse, query=ReviewQuery, tag="feedback",
+                  feedback_role=True,
+                  errors={422: "A query parameter is invalid; `field` names it.",
+                          503: "No model is loaded yet, or the database is unreachable "
+                               "(`Retry-After`)."}),
         Operation("GET", "/labels", "labels",
                   "Per label: status (active or pending), training examples, feedback, recall",
                   h("labels"), response=LabelsResponse, tag="feedback"),
@@ -437,6 +500,7 @@ def operations(api: Api | None) -> list[Operation]:
                   errors={503: "No model is loaded yet, or the database is unreachable."}),
         Operation("GET", "/metrics", "metrics", "Prometheus metrics", h("metrics"),
                   response_media_type="text/plain", tag="monitoring"),
+        *inference_protocol.operations(h),
         Operation("GET", "/livez", "livez", "Liveness probe (served by BentoML)", None,
                   response_media_type="text/plain", tag="probes"),
         Operation("GET", "/readyz", "readyz",
@@ -451,7 +515,8 @@ def operations(api: Api | None) -> list[Operation]:
                   h("docs"), response_media_type="text/html", tag="docs"),
         Operation("GET", "/docs/{asset}", "docs_asset", "Swagger UI's static files",
                   h("docs_asset"), response_media_type="application/octet-stream", tag="docs",
-                  parameters=(Parameter("asset", "path", {"type": "string"}),),
+                  parameters=(Parameter("asset", "path",
+                                        {"type": "string", "pattern": "^[^\n]+$"}),),
                   errors={404: "No such file."}),
     ]
 
@@ -465,6 +530,12 @@ def api_document(ops: list[Operation], settings: RefitSettings | None = None) ->
         texts["maxItems"] = settings.max_texts_per_request
         texts["items"]["maxLength"] = settings.max_text_chars
         schemas["FeedbackItem"]["properties"]["text"]["maxLength"] = settings.max_text_chars
+        inference_protocol.state_limits(document, settings)
+        for parameter in document["paths"]["/review"]["get"]["parameters"]:
+            if parameter["name"] == "limit":
+                for option in parameter["schema"].get("anyOf", [parameter["schema"]]):
+                    if option.get("type") == "integer":
+                        option["maximum"] = settings.review_max_limit
     return document
 
 

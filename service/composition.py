@@ -12,8 +12,15 @@ import functools
 import gc
 
 from adapters.serving.registry import ModelRegistry
-from monitoring.leader import MonitorLeader
+from monitoring.leader import (
+    Election,
+    FileLockElection,
+    LeaseElection,
+    MonitorLeader,
+)
 from monitoring.metrics import forget_dead_processes
+from refit.leases import LeaseStore
+from refit.processes import instance_name
 from refit.settings import RefitSettings
 from refit.store import Store
 from service.batching import AdaptiveBatcher
@@ -74,9 +81,23 @@ def build_data_plane(settings: RefitSettings, *, run_drift_job: bool = True) -> 
             quarantine_path=settings.data_dir / "quarantine" / "predictions.jsonl",
         ),
         jobs=RetrainJobs(settings, store),
-        monitor=MonitorLeader(settings.data_dir) if run_drift_job else NoDriftJob(),
+        monitor=(
+            MonitorLeader(settings.data_dir, monitor_election(settings, store))
+            if run_drift_job else NoDriftJob()
+        ),
         batcher=batcher,
         memory=memory,
+    )
+
+
+def monitor_election(settings: RefitSettings, store: Store) -> Election:
+    """How the one drift job is elected: per machine (``flock``) over SQLite, which one machine
+    serves; per cluster (a lease row in the shared store) over PostgreSQL."""
+    if store.dialect == "sqlite":
+        return FileLockElection(settings.data_dir / "monitor.lock")
+    return LeaseElection(
+        LeaseStore(store.engine), instance_name(settings.instance_name),
+        heartbeat_s=settings.heartbeat_interval_s, timeout_s=settings.lease_timeout_s,
     )
 
 

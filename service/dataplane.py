@@ -9,7 +9,6 @@ Everything that blocks (the store, the registry) runs on a thread, never on the 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import socket
@@ -25,10 +24,11 @@ import numpy as np
 from adapters.serving.data import read_jsonl
 from adapters.serving.labels import LabelStatus, label_statuses
 from adapters.serving.registry import ModelRegistry, ModelVersion, Pointer
-from monitoring.drift_job import drift_dir
+from adapters.serving.review import Strategy, diverse_picks, top_two_margin
+from monitoring.drift_store import DriftResultStore
 from monitoring.estimate import AccuracyEstimate, estimate_accuracy
 from monitoring.metrics import metrics
-from refit.errors import InvalidInputError, NotFoundError
+from refit.errors import InvalidInputError, NotFoundError, NotReadyError
 from refit.jobs import Job, RetrainOptions
 from refit.settings import RefitSettings
 from refit.store import (
@@ -38,6 +38,7 @@ from refit.store import (
     FeedbackSubmission,
     PredictionRecord,
     ReplacedFeedback,
+    ReviewCandidate,
     Store,
 )
 from refit.text import is_blank
@@ -88,6 +89,23 @@ class PredictionBatch:
 
 
 @dataclass(frozen=True)
+class Classification:
+    """What ``classify`` answers: ``predict``'s results as arrays, one row per text, in order,
+    all from one model version (the shape the Open Inference Protocol's tensors take)."""
+
+    model_version: str
+    labels: tuple[str, ...]
+    """The model's labels: the columns of ``probabilities``."""
+    prediction_ids: list[str]
+    served: list[str]
+    """The label served for each text (the feedback memory's, where it answered)."""
+    confidence: np.ndarray
+    """[N] float32: the model's probability of the served label."""
+    probabilities: np.ndarray
+    """[N, C] float32: the model's probability of every label."""
+
+
+@dataclass(frozen=True)
 class FeedbackReceipt:
     feedback_ids: list[int]
     replaced: list[ReplacedFeedback]
@@ -116,6 +134,22 @@ class LabelsOverview:
     serving_version: str | None
     min_examples: int
     labels: list[LabelReport]
+
+
+@dataclass(frozen=True)
+class ReviewQueue:
+    """What ``review`` answers: the predictions of ``model_version`` most worth labelling,
+    in the order the strategy ranks them."""
+
+    model_version: str
+    strategy: Strategy
+    items: list[ReviewCandidate]
+
+
+REVIEW_DEFAULT_LIMIT = 10
+REVIEW_SCAN_FACTOR = 4
+"""The review queue reads this many times the candidates it needs, so that duplicate texts and
+texts labelled through another prediction can be dropped and still leave enough."""
 
 
 @dataclass(frozen=True)
@@ -232,7 +266,8 @@ class DataPlane:
         self.memory = memory
         """The feedback memory (``None`` when ``memory_enabled`` is off)."""
         self.started_at = time.time()
-        self._report_cache: tuple[tuple[int, int], bytes, str] | None = None
+        self.drift_results = DriftResultStore(store.engine)
+        self._report_cache: tuple[float, bytes, str] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -243,7 +278,7 @@ class DataPlane:
         """Start the parts' threads and load the current version (before reporting ready)."""
         self.prediction_log.start()
         self.jobs.reconcile()
-        self.registry.cleanup()
+        self.registry.cleanup(self.settings.staging_stale_after_s)
         self.holder.sync()  # load and warm the current version before reporting ready
         self.holder.start_watching()
         if self.memory is not None:
@@ -299,6 +334,7 @@ class DataPlane:
         records: list[PredictionRecord] = []
         rows = output.probabilities[start:stop].tolist()
         matches = output.matches
+        margins = top_two_margin(output.probabilities[start:stop]).tolist()
         for offset, text in enumerate(texts):
             row = start + offset
             prediction_id = new_prediction_id(now)
@@ -322,11 +358,64 @@ class DataPlane:
             records.append(
                 PredictionRecord(
                     prediction_id, now, model.version, text, label, confidence,
-                    output.embeddings[row].tobytes(),
+                    output.embeddings[row].tobytes(), margins[offset],
                 )
             )
         self.prediction_log.add(records)
         return PredictionBatch(model.version, predictions)
+
+    async def classify(
+        self, texts: list[str], version: str | None = None, field: str = "texts"
+    ) -> Classification:
+        """``predict`` with array results, through the same checks, batcher, metrics and
+        prediction log. With ``version``, only that version may answer: it must be the one this
+        worker has loaded (a version that exists but is not loaded is a 503, an unknown one 404).
+        ``field`` names the texts in errors.
+        """
+        self.check_texts(texts, field)
+        if version is not None:
+            self._require_loaded(version)
+        else:
+            self.holder.require()
+        output, start, stop = await self.batcher.submit(texts)
+        model = output.model
+        if version is not None and model.version != version:  # swapped while queued
+            self._require_loaded(version)
+        labels = model.labels
+        probabilities = output.probabilities[start:stop]
+        confidence = output.confidence[start:stop].astype(np.float32)
+        served = [labels[i] for i in output.predicted[start:stop].tolist()]
+        matches = output.matches
+        if matches is not None:
+            for offset in range(len(texts)):
+                remembered = matches.labels[start + offset]
+                if remembered is not None:
+                    served[offset] = remembered
+                    confidence[offset] = model_probability(
+                        probabilities[offset], labels, remembered
+                    )
+        now = time.time()
+        ids = [new_prediction_id(now) for _ in texts]
+        embeddings = output.embeddings
+        self.prediction_log.add([
+            PredictionRecord(
+                ids[offset], now, model.version, text, served[offset],
+                float(confidence[offset]), embeddings[start + offset].tobytes(),
+            )
+            for offset, text in enumerate(texts)
+        ])
+        return Classification(model.version, labels, ids, served, confidence, probabilities)
+
+    def _require_loaded(self, version: str) -> None:
+        model = self.holder.require()
+        if model.version == version:
+            return
+        self.registry.get(version)  # an unknown version: 404 naming the known ones
+        raise NotReadyError(
+            f"model version {version!r} exists but is not loaded: this worker serves "
+            f"{model.version!r}, the registry's current version (promote {version!r} to serve it)",
+            field="version",
+        )
 
     # -- feedback --------------------------------------------------------------------------------
 
@@ -477,8 +566,54 @@ class DataPlane:
     def memory_state(self) -> MemoryState:
         """What this worker's feedback memory holds."""
         if self.memory is None:
-            return MemoryState(False, 0, None, None, None, None, None, None, 0, None, None)
+            return MemoryState(False, 0, None, None, None, False, None, None, None, None, 0,
+                               None, None)
         return self.memory.state()
+
+    # -- review queue ----------------------------------------------------------------------------
+
+    async def review(self, strategy: Strategy, limit: int | None) -> ReviewQueue:
+        """The unlabelled, unexpired predictions of the serving version most worth labelling.
+
+        ``uncertainty``: least confident first; ``margin``: smallest gap between the model's two
+        most probable labels first; ``diverse``: the least confident member of each of ``limit``
+        k-means clusters over the ``review_diverse_pool_factor`` x ``limit`` least confident
+        (see ``adapters/serving/review.py``). A text appears once, and not at all once any
+        feedback labels it.
+        """
+        maximum = self.settings.review_max_limit
+        if limit is None:
+            limit = min(REVIEW_DEFAULT_LIMIT, maximum)
+        if limit > maximum:
+            raise InvalidInputError(
+                f"limit is {limit}; at most {maximum} (REFIT_REVIEW_MAX_LIMIT)", field="limit"
+            )
+        version = self.holder.require().version
+        return await asyncio.to_thread(self._review_blocking, version, strategy, limit)
+
+    def _review_blocking(self, version: str, strategy: Strategy, limit: int) -> ReviewQueue:
+        diverse = strategy == "diverse"
+        wanted = limit * self.settings.review_diverse_pool_factor if diverse else limit
+        not_before = time.time() - self.settings.retention_days * 86400
+        candidates = self.store.review_candidates(
+            version, "margin" if strategy == "margin" else "confidence", not_before,
+            wanted * REVIEW_SCAN_FACTOR, with_embeddings=diverse,
+        )
+        labelled = self.store.labelled_texts(c.text for c in candidates)
+        seen: set[str] = set()
+        pool: list[ReviewCandidate] = []
+        for candidate in candidates:
+            if candidate.text not in labelled and candidate.text not in seen:
+                seen.add(candidate.text)
+                pool.append(candidate)
+            if len(pool) == wanted:
+                break
+        if diverse and pool:
+            embeddings = np.stack([c.embedding for c in pool if c.embedding is not None])
+            confidence = np.array([c.confidence for c in pool])
+            picks = diverse_picks(embeddings, confidence, limit, seed=0)
+            pool = [replace(pool[i], embedding=None) for i in picks.tolist()]
+        return ReviewQueue(version, strategy, pool[:limit])
 
     # -- models ----------------------------------------------------------------------------------
 
@@ -535,33 +670,37 @@ class DataPlane:
 
     # -- drift ----------------------------------------------------------------------------------
 
-    def drift(self) -> dict[str, Any]:
-        """The drift job's latest result (see ``monitoring.drift.DriftResult``), or pending."""
-        path = drift_dir(self.settings) / "latest.json"
-        try:
-            result: dict[str, Any] = json.loads(path.read_text())
-            return result
-        except FileNotFoundError:
+    async def drift(self) -> dict[str, Any]:
+        """The drift job's latest result (see ``monitoring.drift.DriftResult``), or pending.
+
+        Read from the store, where the one drift job writes it: the same on every replica.
+        """
+        result = await asyncio.to_thread(self.drift_results.latest)
+        if result is None:
             return {
                 "status": "pending",
                 "message": "the drift job has not finished a run yet; it runs every "
                 f"{self.settings.drift_interval_s:g}s",
             }
+        return result
 
-    def drift_report(self) -> tuple[bytes, str]:
+    async def drift_report(self) -> tuple[bytes, str]:
         """The latest drift report's HTML and the Content-Security-Policy to serve it with."""
-        path = drift_dir(self.settings) / "report.html"
-        try:
-            stat = path.stat()
-        except FileNotFoundError:
+        return await asyncio.to_thread(self._drift_report_blocking)
+
+    def _drift_report_blocking(self) -> tuple[bytes, str]:
+        written = self.drift_results.report_version()
+        if written is None:
             raise NotFoundError(
                 "no drift report yet: one is written once the window holds "
                 f"{self.settings.drift_min_window} predictions by the serving version"
-            ) from None
-        key = (stat.st_mtime_ns, stat.st_size)
-        if self._report_cache is None or self._report_cache[0] != key:
-            body = path.read_bytes()
-            self._report_cache = (key, body, inline_script_policy(body))
+            )
+        if self._report_cache is None or self._report_cache[0] != written:
+            stored = self.drift_results.report()
+            if stored is None:  # pragma: no cover - reports are replaced, never deleted
+                raise NotFoundError("no drift report yet")
+            written, body = stored
+            self._report_cache = (written, body, inline_script_policy(body))
         return self._report_cache[1], self._report_cache[2]
 
 

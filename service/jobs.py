@@ -3,17 +3,18 @@
 A job runs ``python -m adapters.training.retrain JOB_ID`` as a separate, lower-priority process, so
 training never competes with request handling for a worker's threads and the GIL, and killing it
 at any instant cannot touch the serving model (the registry only changes by atomic commit and
-promote). The job writes its own progress to the store. This side records the job (one at a time:
-the store enforces it), starts the process, and marks the job failed if the process dies without
-saying so: at once when the worker that started it sees it exit, or when anyone next reads the job
-and finds its process gone.
+promote). The job writes its own progress to the store, and renews a heartbeat there every
+``REFIT_HEARTBEAT_INTERVAL_S``. This side records the job (one at a time in the whole cluster: the
+store enforces it), starts the process, and marks the job failed if the process dies without
+saying so: at once when the worker that started it sees it exit; when anyone on the same instance
+next reads the job and finds its process gone; and, from any replica, when its heartbeat is older
+than ``REFIT_LEASE_TIMEOUT_S`` (its replica vanished).
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import socket
 import subprocess
 import threading
 import time
@@ -23,7 +24,7 @@ from pathlib import Path
 from monitoring.metrics import metrics
 from refit.errors import ConflictError
 from refit.jobs import Job, RetrainOptions
-from refit.processes import pid_alive, spawn_module
+from refit.processes import instance_name, pid_alive, spawn_module
 from refit.settings import RefitSettings
 from refit.store import Store
 
@@ -32,8 +33,8 @@ JOB_ID = re.compile(r"job-[0-9]{8}-[0-9]{6}-[0-9a-f]{6}")
 
 log = logging.getLogger("refit.jobs")
 
-# A job whose process is on another host is presumed dead after this long without an update.
-STALE_AFTER_S = 300.0
+# A job recorded whose process never reported in is presumed never to have started after this long.
+NEVER_STARTED_AFTER_S = 60.0
 
 
 class RetrainJobs:
@@ -43,7 +44,7 @@ class RetrainJobs:
         self.settings = settings
         self.store = store
         self.log_dir = Path(settings.data_dir) / "jobs"
-        self.host = socket.gethostname()
+        self.host = instance_name(settings.instance_name)
 
     def submit(self, options: RetrainOptions) -> Job:
         """Record and start a job; 409 if too little feedback or a job is already running."""
@@ -92,18 +93,21 @@ class RetrainJobs:
         job = self.store.running_job()
         if job is None:
             return
-        gone = False
-        if job.host == self.host and job.pid is not None:
-            gone = not pid_alive(job.pid)
-        elif time.time() - job.updated_at > STALE_AFTER_S:
-            gone = True
-        elif job.pid is None and time.time() - job.created_at > 60:
-            gone = True  # recorded, but its process never started
-        if gone:
-            self.store.update_job(
-                job.job_id, phase="failed",
-                error="the training process is gone (killed, or the server restarted under it)",
+        now = time.time()
+        error = None
+        if job.host == self.host and job.pid is not None and not pid_alive(job.pid):
+            error = "the training process is gone (killed, or the server restarted under it)"
+        elif job.pid is not None and now - job.updated_at > self.settings.lease_timeout_s:
+            # Judged by the heartbeat alone on another instance (its process ids mean nothing
+            # here), and on this one too in case the pid was reused after a restart.
+            error = (
+                f"the training process on {job.host or 'another instance'} stopped sending its "
+                f"heartbeat {now - job.updated_at:.0f}s ago (its replica is gone)"
             )
+        elif job.pid is None and now - job.created_at > NEVER_STARTED_AFTER_S:
+            error = "the training process never started"
+        if error is not None and self.store.fail_running_job(job.job_id, job.updated_at, error):
+            log.warning("retrain %s marked failed: %s", job.job_id, error)
 
     def get(self, job_id: str) -> Job:
         job = self.store.get_job(job_id)

@@ -14,7 +14,9 @@ and two background threads:
   calibrates the thresholds on them and keeps only the entries the model gets wrong
   (:func:`~adapters.serving.memory.rebuilt_memory`), then hands the new memory to the follower
   with the change-feed position it was built from. Changes committed meanwhile are replayed
-  onto it (every change is idempotent), so none is lost.
+  onto it (every change is idempotent), so none is lost. It also rebuilds for the same model
+  once enough new feedback has arrived (:data:`RECALIBRATE_AFTER_CHANGES`), so the thresholds
+  and the prototype rule's margin follow the feedback.
 
 The memory answers a batch only while its embeddings come from the served model's encoder: after
 a swap to a model with another encoder it stays silent until the rebuild is done.
@@ -39,6 +41,7 @@ from adapters.serving.memory import (
     FeedbackMemory,
     MemoryMatches,
     rebuilt_memory,
+    version_prototypes,
 )
 from monitoring.metrics import metrics
 from refit.store import Store
@@ -50,6 +53,13 @@ EMBED_BATCH = 256
 """Texts per classifier run while rebuilding or embedding feedback."""
 REBUILD_RETRY_S = 5.0
 """After a failed rebuild (the store unreachable, say), wait this long before the next try."""
+RECALIBRATE_AFTER_CHANGES = 20
+RECALIBRATE_AFTER_FRACTION = 0.1
+"""The memory is also rebuilt (thresholds and the prototype margin recalibrated) for the same
+model once this many feedback changes arrived since the last build: at least
+``RECALIBRATE_AFTER_CHANGES`` and ``RECALIBRATE_AFTER_FRACTION`` of the items that build read, so
+a new label's evidence is weighed soon, and the cost (one classifier run over all feedback) stays
+a small share of the feedback's own."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,10 @@ class MemoryState:
     entries: int
     threshold: float | None
     new_label_threshold: float | None
+    new_label_margin: float | None
+    """The prototype rule's margin (``None``: off)."""
+    prototype_rule: bool
+    """Whether the memory has the served model's class prototypes (the rule's reference)."""
     built_for: str | None
     """The model version the memory was last rebuilt for."""
     built_at: float | None
@@ -110,6 +124,7 @@ class FeedbackMemoryKeeper:
         self._feedback_items: int | None = None
         self._calibration: Calibration | None = None
         self._last_error: str | None = None
+        self._changes_since_build = 0
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -151,6 +166,8 @@ class FeedbackMemoryKeeper:
             entries=len(memory),
             threshold=memory.threshold if built else None,
             new_label_threshold=memory.new_label_threshold if built else None,
+            new_label_margin=memory.new_label_margin if built else None,
+            prototype_rule=memory.reference is not None,
             built_for=built.version if built else None,
             built_at=self._built_at,
             rebuild_seconds=self._rebuild_seconds,
@@ -167,7 +184,8 @@ class FeedbackMemoryKeeper:
             if self._built_for is None:
                 continue  # nothing to follow until the first build (it reads everything)
             try:
-                if self.follower.poll():
+                if applied := self.follower.poll():
+                    self._changes_since_build += applied
                     metrics().memory_entries.set(len(self.follower.memory))
                 self._last_error = None
             except Exception as exc:  # noqa: BLE001 - retried from the same cursor next round
@@ -205,7 +223,7 @@ class FeedbackMemoryKeeper:
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         while True:
             model = self.holder.model
-            if model is not None and model is not self._built_for:
+            if model is not None and (model is not self._built_for or self._recalibration_due()):
                 try:
                     self.rebuild(model)
                 except Exception as exc:  # noqa: BLE001 - retried a little later
@@ -216,9 +234,18 @@ class FeedbackMemoryKeeper:
             if self._stop.wait(self.poll_interval_s):
                 return
 
+    def _recalibration_due(self) -> bool:
+        built_from = self._feedback_items or 0
+        return self._changes_since_build >= max(
+            RECALIBRATE_AFTER_CHANGES, RECALIBRATE_AFTER_FRACTION * built_from
+        )
+
     def rebuild(self, model: ServingModel) -> None:
         """Rebuild the memory for ``model`` from all feedback (blocking; runs the classifier)."""
         started = time.perf_counter()
+        # Changes counted so far are in this build; those applied meanwhile count for the next
+        # (a failed build leaves the count, so it is retried).
+        counted = self._changes_since_build
         # The feed's position first: a change committed after it is replayed onto the new
         # memory, so reading the feedback after it can only see more, never less.
         cursor = self.store.latest_feedback_seq()
@@ -230,6 +257,7 @@ class FeedbackMemoryKeeper:
             [item.label for item in items],
             [model.labels[i] for i in predicted.tolist()],
             model.labels,
+            reference=version_prototypes(model.classifier.path, model.labels),
         )
         self.follower.replace(memory, cursor)
         self._encoder_id = model.encoder_id
@@ -238,11 +266,14 @@ class FeedbackMemoryKeeper:
         self._rebuild_seconds = time.perf_counter() - started
         self._feedback_items = len(items)
         self._calibration = calibration
+        self._changes_since_build = max(0, self._changes_since_build - counted)
         self._last_error = None
         metrics().memory_entries.set(len(memory))
         log.info(
             "feedback memory rebuilt for %s in %.2fs: %d of %d feedback items kept (the model "
-            "gets the rest right); thresholds %.3f (known labels), %.3f (new labels): %s",
+            "gets the rest right); thresholds %.3f (known labels), %.3f (new labels), prototype "
+            "margin %s (class prototypes %s): %s",
             model.version, self._rebuild_seconds, len(memory), len(items),
-            calibration.threshold, calibration.new_label_threshold, calibration.reason,
+            calibration.threshold, calibration.new_label_threshold, calibration.new_label_margin,
+            "read" if memory.reference is not None else "not found", calibration.reason,
         )

@@ -38,14 +38,15 @@ ERROR_MEANINGS: dict[int, str] = {
     503: "No model is loaded yet, or the database is unreachable (`Retry-After`).",
 }
 BODY_ERRORS = (400, 413, 415, 422)
+BINARY = {"type": "string", "format": "binary"}
 
 
 @dataclass(frozen=True)
 class Parameter:
-    """A path or query parameter."""
+    """A path, query or header parameter."""
 
     name: str
-    location: Literal["path", "query"]
+    location: Literal["path", "query", "header"]
     schema: dict[str, Any]
     description: str = ""
     required: bool = False
@@ -78,6 +79,8 @@ class Operation:
     query: type[BaseModel] | None = None
     """Query parameters, as a wire type: one parameter per field."""
     tag: str = "service"
+    binary_media_type: str | None = None
+    """Also takes and answers bodies of this media type (binary, beside the JSON ones)."""
 
 
 def _response(description: str, media_type: str, schema: dict[str, Any]) -> dict[str, Any]:
@@ -147,7 +150,10 @@ def openapi_document(
             if op.example is not None:
                 media["examples"] = {"example": {"value": op.example}}
             entry["requestBody"] = {"required": True, "content": {"application/json": media}}
+            if op.binary_media_type is not None:
+                entry["requestBody"]["content"][op.binary_media_type] = {"schema": BINARY}
         ok_description = HTTPStatus(op.status).phrase
+        ok: dict[str, Any]
         if op.status == HTTPStatus.NO_CONTENT:
             ok = {"description": ok_description}
         elif op.response is not None:
@@ -155,6 +161,8 @@ def openapi_document(
                            ref_of(op.response, "serialization"))
         else:
             ok = _response(ok_description, op.response_media_type, {"type": "string"})
+        if op.binary_media_type is not None:
+            ok["content"][op.binary_media_type] = {"schema": BINARY}
         responses_doc: dict[str, Any] = {str(op.status): ok}
         error_statuses = dict(op.errors)
         if op.request is not None:

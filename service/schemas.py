@@ -26,6 +26,7 @@ from service.dataplane import (
     LabelsOverview,
     ModelsOverview,
     PredictionBatch,
+    ReviewQueue,
 )
 from service.memory import MemoryState
 
@@ -310,6 +311,64 @@ class LabelsResponse(BaseModel):
         )
 
 
+# -- review queue ----------------------------------------------------------------------------------
+
+MAX_REVIEW_LIMIT = 1000
+"""The hard bound on ``limit``; REFIT_REVIEW_MAX_LIMIT (at most this) is the one in force."""
+
+
+class ReviewQuery(_Request):
+    """Query parameters of ``GET /review``."""
+
+    strategy: Literal["uncertainty", "margin", "diverse"] = Field(
+        "uncertainty",
+        description="`uncertainty`: least confident first; `margin`: smallest gap between the "
+        "model's two most probable labels first; `diverse`: the least confident prediction of "
+        "each of `limit` clusters of the uncertain ones (spread over the embedding space).",
+    )
+    limit: int | None = Field(
+        None, ge=1, le=MAX_REVIEW_LIMIT,
+        description="Predictions to return: default 10, at most REFIT_REVIEW_MAX_LIMIT (100).",
+    )
+
+
+class ReviewItem(BaseModel):
+    prediction_id: str = Field(description="Label it with `POST /feedback` by this id.")
+    text: str
+    predicted_label: str = Field(description="The label served for it.")
+    confidence: float = Field(description="The model's probability of `predicted_label`.")
+    margin: float | None = Field(
+        description="The model's top probability less its second (null on predictions logged "
+        "before refit recorded it)."
+    )
+    created_at: float = Field(description="Unix time of the prediction.")
+
+
+class ReviewResponse(BaseModel):
+    model_version: str = Field(
+        description="The serving version, whose predictions (and only those) the queue ranks."
+    )
+    strategy: Literal["uncertainty", "margin", "diverse"]
+    items: list[ReviewItem] = Field(
+        description="Unlabelled, unexpired predictions, the most worth labelling first; a text "
+        "appears once, and not at all once any feedback labels it."
+    )
+
+    @classmethod
+    def from_queue(cls, queue: ReviewQueue) -> ReviewResponse:
+        return cls(
+            model_version=queue.model_version,
+            strategy=queue.strategy,
+            items=[
+                ReviewItem(
+                    prediction_id=c.id, text=c.text, predicted_label=c.label,
+                    confidence=c.confidence, margin=c.margin, created_at=c.created_at,
+                )
+                for c in queue.items
+            ],
+        )
+
+
 # -- models ----------------------------------------------------------------------------------------
 
 
@@ -468,6 +527,9 @@ class MemoryCalibration(BaseModel):
         description="Leave-one-out accuracy of memory-or-model on them at these thresholds."
     )
     answered: int = Field(description="Items the memory answered at these thresholds.")
+    prototype_answered: int = Field(
+        0, description="Of those, the items the prototype rule answered."
+    )
     reason: str
 
 
@@ -482,6 +544,18 @@ class MemoryResponse(BaseModel):
     )
     new_label_threshold: float | None = Field(
         description="Similarity at which an example of a label the model does not know answers."
+    )
+    new_label_margin: float | None = Field(
+        None,
+        description=(
+            "Prototype rule: a text gets a label the model does not know when its similarity to "
+            "that label's prototype (the mean of its examples) exceeds its similarity to the "
+            "nearest of the model's class prototypes by this margin (null: the rule is off)."
+        ),
+    )
+    prototype_rule: bool = Field(
+        False, description="Whether the served model's class prototypes were read (the rule's "
+        "reference, from the version folder's training data).",
     )
     built_for: str | None = Field(description="The model version the memory was rebuilt for.")
     built_at: float | None = Field(description="Unix time of that rebuild.")
@@ -499,12 +573,14 @@ class MemoryResponse(BaseModel):
         return cls(
             enabled=state.enabled, worker_pid=worker_pid, entries=state.entries,
             threshold=state.threshold, new_label_threshold=state.new_label_threshold,
+            new_label_margin=state.new_label_margin, prototype_rule=state.prototype_rule,
             built_for=state.built_for, built_at=state.built_at,
             rebuild_seconds=state.rebuild_seconds, feedback_items=state.feedback_items,
             cursor=state.cursor,
             calibration=None if c is None else MemoryCalibration(
                 items=c.items, model_accuracy=c.model_accuracy,
-                combined_accuracy=c.combined_accuracy, answered=c.answered, reason=c.reason,
+                combined_accuracy=c.combined_accuracy, answered=c.answered,
+                prototype_answered=c.prototype_answered, reason=c.reason,
             ),
             last_error=state.last_error,
         )

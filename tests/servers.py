@@ -282,3 +282,110 @@ class PrivatePostgres:
     def remove(self) -> None:
         self.stop("immediate")
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+# -- HAProxy ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class HAProxyProcess:
+    """Debian's HAProxy balancing HTTP over backends, health-checked on ``/readyz``.
+
+    Backends the check finds unready get no traffic; a request whose connection to a backend
+    fails (or closes with no response) is retried on another one. ``drain(name)`` and
+    ``enable(name)`` go through HAProxy's runtime API, as a Kubernetes Service removes and adds an
+    endpoint.
+    """
+
+    folder: Path
+    backends: dict[str, int]  # server name -> port on 127.0.0.1
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def socket_path(self) -> Path:
+        return self.folder / "admin.sock"
+
+    def config(self) -> str:
+        servers = "".join(
+            f"  server {name} 127.0.0.1:{port} check\n" for name, port in self.backends.items()
+        )
+        return (
+            "global\n"
+            f"  stats socket {self.socket_path} mode 600 level admin\n"
+            "  maxconn 1024\n"
+            "defaults\n"
+            "  mode http\n"
+            "  timeout connect 2s\n  timeout client 60s\n  timeout server 60s\n"
+            "  retries 3\n  option redispatch 1\n"
+            "  retry-on conn-failure empty-response\n"
+            "frontend refit\n"
+            f"  bind 127.0.0.1:{self.port}\n"
+            "  default_backend replicas\n"
+            "backend replicas\n"
+            "  balance roundrobin\n"
+            "  option httpchk GET /readyz\n"
+            "  http-check expect status 200\n"
+            "  default-server inter 500ms fall 2 rise 2\n"
+            + servers
+        )
+
+    def start(self, timeout: float = 30) -> HAProxyProcess:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        config = self.folder / "haproxy.cfg"
+        config.write_text(self.config())
+        log = (self.folder / "haproxy.log").open("ab")
+        self.proc = subprocess.Popen(
+            [shutil.which("haproxy") or "/usr/sbin/haproxy", "-db", "-f", str(config)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        wait_for(lambda: self.proc.poll() is not None or self.up() == set(self.backends),
+                 timeout, what="haproxy to see every backend up")
+        if self.proc.poll() is not None:
+            raise RuntimeError((self.folder / "haproxy.log").read_text()[-3000:])
+        return self
+
+    def command(self, line: str) -> str:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect(str(self.socket_path))
+            sock.sendall(line.encode() + b"\n")
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks).decode()
+
+    def states(self) -> dict[str, dict[str, str]]:
+        """Per backend server, HAProxy's view (``status``: UP, DOWN, MAINT, ...; ``scur``:
+        requests in flight)."""
+        lines = self.command("show stat").splitlines()
+        header = lines[0].lstrip("# ").split(",")
+        rows = [dict(zip(header, line.split(","), strict=False)) for line in lines[1:] if line]
+        return {row["svname"]: row for row in rows
+                if row.get("pxname") == "replicas" and row["svname"] in self.backends}
+
+    def up(self) -> set[str]:
+        try:
+            return {name for name, row in self.states().items() if row["status"] == "UP"}
+        except OSError:
+            return set()
+
+    def drain(self, name: str, timeout: float = 30) -> None:
+        """Send ``name`` no new requests and wait for those in flight on it to finish."""
+        self.command(f"set server replicas/{name} state maint")
+        wait_for(lambda: self.states()[name]["scur"] == "0", timeout,
+                 what=f"requests in flight on {name} to finish")
+
+    def enable(self, name: str, timeout: float = 30) -> None:
+        """Give ``name`` traffic again once its health check passes."""
+        self.command(f"set server replicas/{name} state ready")
+        wait_for(lambda: name in self.up(), timeout, what=f"haproxy to see {name} up")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)

@@ -135,6 +135,7 @@ def test_role_endpoints_carry_their_bearer_schemes():
         ("GET", "/retrain/{job_id}"): admin, ("POST", "/models/promote"): admin,
         ("PATCH", "/feedback/{feedback_id}"): admin, ("DELETE", "/feedback/{feedback_id}"): admin,
         ("POST", "/feedback"): feedback, ("GET", "/feedback"): feedback,
+        ("GET", "/review"): feedback,
     }
     for method, path in secured:
         responses = document["paths"][path][method.lower()]["responses"]

@@ -46,6 +46,25 @@ shaped = st.dictionaries(field_names, json_values | st.lists(
     st.dictionaries(field_names, json_values, max_size=3), max_size=3), max_size=4)
 
 
+# The Open Inference Protocol's infer endpoint: a JSON header of any shape (with the names it
+# reads), any bytes after it, any Inference-Header-Content-Length (often the true one), any
+# Content-Encoding.
+V2_INFER = "/v2/models/refit/infer"
+v2_names = st.sampled_from(
+    ["inputs", "outputs", "name", "shape", "datatype", "data", "parameters", "id",
+     "binary_data_size", "binary_data_output", "binary_data", "classification"]
+)
+v2_values = json_values | st.sampled_from(["text", "BYTES", "label", "probabilities"])
+v2_headers = st.dictionaries(v2_names, v2_values | st.lists(
+    st.dictionaries(v2_names, v2_values | st.dictionaries(v2_names, v2_values, max_size=2),
+                    max_size=5), max_size=2), max_size=4)
+header_lengths = (
+    st.none() | st.just("exact") | st.integers(min_value=-5, max_value=700).map(str)
+    | st.text(alphabet=st.characters(codec="ascii", min_codepoint=32, max_codepoint=126),
+              max_size=8)
+)
+
+
 @pytest.fixture(scope="module")
 def server(trained_registry, tmp_path_factory):
     service = ServiceProcess(registry=trained_registry.root,
@@ -112,3 +131,17 @@ def test_odd_headers(server, auth, extra):
             return  # uvicorn refused a malformed HTTP message (e.g. content-length: x) before
             # any code of ours ran; that is a 4xx and costs the worker nothing
         check(answer)
+
+
+@FUZZ
+@given(header=json_values | v2_headers, tail=st.binary(max_size=200), length=header_lengths,
+       encoding=st.sampled_from([None, "identity", "gzip", "deflate", "br"]))
+def test_v2_infer_any_framing(server, header, tail, length, encoding):
+    head = json.dumps(header).encode()
+    headers = {}
+    if length is not None:
+        headers["inference-header-content-length"] = str(len(head)) if length == "exact" else length
+    if encoding is not None:
+        headers["content-encoding"] = encoding
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        check(client.post(V2_INFER, content=head + tail, headers=headers))

@@ -6,21 +6,22 @@ from __future__ import annotations
 import base64
 import hashlib
 
-from monitoring.drift_job import drift_dir
+from monitoring.drift_store import DriftResultStore, drift_results
 from tests.conftest import run_cli
 
 SCRIPT = b"document.title = 'drift';"
 REPORT = b"<html><body><script>" + SCRIPT + b"</script><p>&lt;img src=x&gt;</p></body></html>"
 
 
-def test_the_drift_report_runs_only_its_own_scripts_sandboxed(api, plane_settings):
-    folder = drift_dir(plane_settings)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "report.html").write_bytes(REPORT)
+def test_the_drift_report_runs_only_its_own_scripts_sandboxed(api, data_plane):
+    # Where the drift job puts its report: the store every replica reads.
+    results = DriftResultStore(data_plane.store.engine)
+    results.save_report(REPORT)
     try:
         answer = api.get("/drift/report")
     finally:
-        (folder / "report.html").unlink()
+        with data_plane.store.engine.begin() as conn:
+            conn.execute(drift_results.delete())
     assert answer.status_code == 200 and answer.content == REPORT
     policy = answer.headers["content-security-policy"]
     digest = base64.b64encode(hashlib.sha256(SCRIPT).digest()).decode()

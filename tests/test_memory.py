@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from adapters.serving.memory import (
+    DEFAULT_NEW_LABEL_MARGIN,
     DEFAULT_NEW_LABEL_THRESHOLD,
     DEFAULT_THRESHOLD,
     THRESHOLD_FLOOR,
@@ -16,8 +17,10 @@ from adapters.serving.memory import (
     FeedbackFollower,
     FeedbackMemory,
     calibrate_threshold,
+    class_prototypes,
     prune_to_mistakes,
     rebuilt_memory,
+    version_prototypes,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -271,6 +274,184 @@ def test_too_little_feedback_keeps_the_defaults(rng):
     assert "at least" in calibration.reason
 
 
+# -- the prototype rule: labels the model does not know, from all their examples -----------------
+
+
+def varied_label(rng: np.random.Generator, centre: np.ndarray, n: int, cosine: float = 0.6):
+    """``n`` unit vectors each at ``cosine`` to ``centre`` (pairwise ≈ ``cosine``²: varied
+    utterances of one label, no two of them close)."""
+    return np.stack([near(centre, cosine, rng) for _ in range(n)])
+
+
+def test_the_prototype_rule_answers_a_varied_new_label_no_single_example_is_close_to(rng):
+    reference = unit(rng.standard_normal((3, 384)))  # the model's class prototypes
+    centre = unit(rng.standard_normal(384))
+    entries = varied_label(rng, centre, 12)
+    query = near(centre, 0.8, rng)
+    nearest_rule = FeedbackMemory(threshold=0.9, new_label_threshold=0.75, known_labels={"k"})
+    memory = FeedbackMemory(threshold=0.9, new_label_threshold=0.75, known_labels={"k"},
+                            reference=reference, new_label_margin=0.1)
+    for m in (nearest_rule, memory):
+        m.add(list(range(12)), entries, ["new"] * 12)
+        # A known label's example at 0.7 is the nearest entry, below its threshold.
+        m.add([99], near(query, 0.7, rng)[None], ["k"])
+    similarities = entries @ query
+    assert similarities.max() < 0.75  # no single example is close enough
+    assert nearest_rule.lookup(query[None]).labels == [None]
+    matches = memory.lookup(query[None])
+    assert matches.labels == ["new"]
+    # It reports the label's nearest example.
+    assert matches.feedback_ids.tolist() == [int(similarities.argmax())]
+    assert matches.similarity[0] == pytest.approx(similarities.max(), abs=1e-5)
+    # A text nearer one of the model's classes than the new label's prototype stays the model's.
+    closer_to_model = unit(0.6 * reference[0] + 0.4 * centre)
+    assert memory.lookup(closer_to_model[None]).labels == [None]
+    # Off without the reference or without a margin.
+    memory.set_reference(None)
+    assert memory.lookup(query[None]).labels == [None]
+    memory.set_reference(reference)
+    memory.new_label_margin = None
+    assert memory.lookup(query[None]).labels == [None]
+    # A label the model knows (after a swap) is never answered by the rule.
+    memory.new_label_margin = 0.1
+    memory.set_known_labels({"k", "new"})
+    assert memory.lookup(query[None]).labels == [None]
+
+
+def test_prototypes_follow_additions_relabels_and_removals(rng):
+    reference = unit(rng.standard_normal((2, 384)))
+    centres = unit(rng.standard_normal((2, 384)))
+    vectors = np.concatenate([varied_label(rng, centres[0], 10), varied_label(rng, centres[1], 10)])
+    labels = ["n0"] * 10 + ["n1"] * 10
+    queries = np.concatenate([varied_label(rng, c, 20, 0.7) for c in centres])
+
+    def built_at_once(ids, rows, names):
+        memory = FeedbackMemory(known_labels={"k"}, reference=reference, new_label_margin=0.05)
+        memory.add(ids, vectors[rows], names)
+        return memory.lookup(queries)
+
+    memory = FeedbackMemory(known_labels={"k"}, reference=reference, new_label_margin=0.05)
+    for i in range(20):
+        memory.add([i], vectors[i][None], [labels[i]])
+    memory.add([3, 4], vectors[[3, 4]], ["n1", "k"])  # relabelled
+    memory.remove([12, 13, 14])
+    final_ids = [i for i in range(20) if i not in (12, 13, 14)]
+    final_labels = [{3: "n1", 4: "k"}.get(i, labels[i]) for i in final_ids]
+    expected = built_at_once(final_ids, final_ids, final_labels)
+    got = memory.lookup(queries)
+    assert got.labels == expected.labels
+    assert got.feedback_ids.tolist() == expected.feedback_ids.tolist()
+    assert sum(label is not None for label in got.labels) >= 30  # the case is not vacuous
+    memory.remove([i for i in final_ids if final_labels[final_ids.index(i)] == "n0"])
+    assert "n0" not in memory.lookup(queries).labels
+
+
+def prototype_feedback(rng: np.random.Generator):
+    """Three known classes (the model right on 90% of their items) and two varied new labels;
+    the model's class prototypes are the known centres."""
+    centres = unit(rng.standard_normal((5, 384)))
+    known = ["k0", "k1", "k2"]
+    vectors, labels, predicted = [], [], []
+    for k, name in enumerate(known):
+        for _ in range(25):
+            vectors.append(near(centres[k], 0.7, rng))
+            labels.append(name)
+            predicted.append(name if rng.random() < 0.9 else known[(k + 1) % 3])
+    for k, name in ((3, "n0"), (4, "n1")):
+        for _ in range(12):
+            vectors.append(near(centres[k], 0.6, rng))
+            labels.append(name)
+            predicted.append("k0")
+    return np.stack(vectors), labels, predicted, known, centres[:3]
+
+
+def test_calibrated_margin_matches_a_leave_one_out_run_of_the_memory(rng):
+    vectors, labels, predicted, known, reference = prototype_feedback(rng)
+    calibration = calibrate_threshold(vectors, labels, predicted, known, reference=reference)
+    without = calibrate_threshold(vectors, labels, predicted, known)
+    assert calibration.new_label_margin is not None and calibration.prototype_answered > 0
+    assert without.new_label_margin is None
+    assert calibration.combined_accuracy is not None and without.combined_accuracy is not None
+    assert calibration.combined_accuracy > without.combined_accuracy
+    # Check it independently: each item looked up in a memory of all the others.
+    correct = 0
+    for i in range(len(vectors)):
+        others = [j for j in range(len(vectors)) if j != i]
+        memory = FeedbackMemory(known_labels=known, reference=reference)
+        memory.set_thresholds(calibration)
+        memory.add(others, vectors[others], [labels[j] for j in others])
+        answer = memory.lookup(vectors[i][None]).labels[0]
+        correct += (answer if answer is not None else predicted[i]) == labels[i]
+    assert correct / len(vectors) == pytest.approx(calibration.combined_accuracy)
+
+
+def test_the_prototype_margin_does_not_buy_new_labels_with_old_ones(rng):
+    # A new label: 20 clear items, and 20 that lie between it and a known class, where 10 items
+    # of the known class (which the model gets right) lie too. Answering the in-between ones
+    # gains 20 and loses 10: a net gain, but paid by the old class.
+    centres = unit(rng.standard_normal((2, 384)))
+    reference = centres[:1]
+
+    def between(weight: float) -> np.ndarray:
+        return unit(weight * centres[0] + (1 - weight) * centres[1]
+                    + 1.0 * unit(rng.standard_normal(384)))
+
+    vectors = [near(centres[1], 0.6, rng) for _ in range(20)] + [between(0.5) for _ in range(20)]
+    labels, predicted = ["new"] * 40, ["k"] * 40
+    vectors += [between(0.5) for _ in range(10)] + [between(0.9) for _ in range(20)]
+    labels += ["k"] * 30
+    predicted += ["k"] * 30
+    stacked = np.stack(vectors)
+    guarded = calibrate_threshold(stacked, labels, predicted, ["k"], reference=reference)
+    unguarded = calibrate_threshold(stacked, labels, predicted, ["k"], reference=reference,
+                                    max_known_loss=1.0)
+    assert guarded.new_label_margin is not None and unguarded.new_label_margin is not None
+    assert unguarded.new_label_margin < guarded.new_label_margin
+    assert guarded.prototype_answered >= 20
+    # At the guarded margin no item of the known class is answered with the new label.
+    memory = FeedbackMemory(known_labels=["k"], reference=reference)
+    memory.set_thresholds(guarded)
+    memory.add(list(range(40)), stacked[:40], labels[:40])
+    assert memory.lookup(stacked[40:]).labels == [None] * 30
+    memory.set_thresholds(unguarded)
+    assert memory.lookup(stacked[40:50]).labels.count("new") >= 5
+
+
+def test_without_evidence_the_prototype_rule_keeps_its_default_margin(rng):
+    vectors, labels, predicted, known, reference = prototype_feedback(rng)
+    old_only = [i for i, label in enumerate(labels) if label in known]
+    calibration = calibrate_threshold(vectors[old_only], [labels[i] for i in old_only],
+                                      [predicted[i] for i in old_only], known,
+                                      reference=reference)
+    assert calibration.new_label_margin == DEFAULT_NEW_LABEL_MARGIN
+    few = calibrate_threshold(vectors[:5], labels[:5], predicted[:5], known, reference=reference)
+    assert few.new_label_margin == DEFAULT_NEW_LABEL_MARGIN
+    no_reference = calibrate_threshold(vectors[:5], labels[:5], predicted[:5], known)
+    assert no_reference.new_label_margin is None
+
+
+def test_version_prototypes_come_from_the_version_folders_training_data(tmp_path, rng):
+    vectors = unit(rng.standard_normal((6, 384)))
+    labels = ["b", "a", "b", "a", "c", "b"]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text(
+        "".join(f'{{"text": "t{i}", "label": "{label}"}}\n' for i, label in enumerate(labels)))
+    np.savez(data / "embeddings.npz", train=vectors.astype(np.float16),
+             validation=vectors[:1].astype(np.float16), test=vectors[:1].astype(np.float16))
+    prototypes = version_prototypes(tmp_path, ["a", "b", "c", "unseen"])
+    assert prototypes is not None and prototypes.shape == (4, 384)
+    expected_a = unit(vectors[1] + vectors[3])
+    np.testing.assert_allclose(prototypes[0], expected_a, atol=2e-3)  # stored as float16
+    np.testing.assert_allclose(
+        prototypes, class_prototypes(vectors, labels, ["a", "b", "c", "unseen"]), atol=2e-3)
+    assert not prototypes[3].any()  # no rows: a zero row, which the memory drops
+    assert FeedbackMemory(reference=prototypes).reference.shape == (3, 384)
+    assert version_prototypes(tmp_path / "elsewhere", ["a"]) is None
+    np.savez(data / "embeddings.npz", train=vectors[:5].astype(np.float16))  # out of step
+    assert version_prototypes(tmp_path, ["a"]) is None
+
+
 # -- following the store -------------------------------------------------------------------------
 
 
@@ -387,8 +568,19 @@ def test_a_rebuilt_memory_keeps_the_new_heads_mistakes_with_calibrated_threshold
     assert (memory.threshold, memory.new_label_threshold) == (
         calibration.threshold, calibration.new_label_threshold)
     assert memory.known_labels == frozenset(names)
+    assert memory.reference is None and memory.new_label_margin is None
     empty, _ = rebuilt_memory([], np.zeros((0, 384), np.float32), [], [], names)
     assert len(empty) == 0
+
+
+def test_a_rebuilt_memory_uses_the_models_class_prototypes(rng):
+    vectors, labels, predicted, known, reference = prototype_feedback(rng)
+    ids = list(range(len(labels)))
+    memory, calibration = rebuilt_memory(ids, vectors, labels, predicted, known, reference)
+    assert memory.reference is not None
+    np.testing.assert_allclose(memory.reference, reference)
+    assert calibration.new_label_margin is not None
+    assert memory.new_label_margin == calibration.new_label_margin
 
 
 # -- on real data --------------------------------------------------------------------------------
@@ -430,10 +622,13 @@ def test_on_hwu64_the_calibrated_memory_keeps_old_class_accuracy():
     feedback_labels = validation_labels.astype(object)
     wrong = rng.random(len(feedback_labels)) < 0.05
     feedback_labels[wrong] = rng.choice(old, int(wrong.sum()))
+    # The model's class prototypes from its training data, as the service reads them.
+    reference = class_prototypes(bench.x_train[keep_t], list(train_labels[keep_t]), old)
     calibration = calibrate_threshold(
-        bench.x_validation, list(feedback_labels), list(model(bench.x_validation)), old
+        bench.x_validation, list(feedback_labels), list(model(bench.x_validation)), old,
+        reference=reference,
     )
-    memory = FeedbackMemory(known_labels=old)
+    memory = FeedbackMemory(known_labels=old, reference=reference)
     memory.set_thresholds(calibration)
     memory.add(list(range(len(feedback_labels))), bench.x_validation, list(feedback_labels))
 
@@ -446,8 +641,20 @@ def test_on_hwu64_the_calibrated_memory_keeps_old_class_accuracy():
     old_alone = float((alone == truth)[is_old].mean())
     old_combined = float((combined == truth)[is_old].mean())
     new_recall = float((combined == truth)[~is_old].mean())
-    print(f"thresholds {calibration.threshold} / {calibration.new_label_threshold}; old classes "
+    print(f"thresholds {calibration.threshold} / {calibration.new_label_threshold}, margin "
+          f"{calibration.new_label_margin}; old classes "
           f"{old_alone:.4f} alone, {old_combined:.4f} with the memory; new-label recall "
           f"{new_recall:.3f} from {int((~keep_v).sum())} feedback items")
     assert old_combined >= old_alone - 0.01
-    assert new_recall >= 0.3  # the model alone: 0
+    assert new_recall >= 0.6  # the model alone: 0
+    # The nearest entry alone (no class prototypes) teaches the new labels less.
+    nearest = calibrate_threshold(
+        bench.x_validation, list(feedback_labels), list(model(bench.x_validation)), old
+    )
+    nearest_only = FeedbackMemory(known_labels=old)
+    nearest_only.set_thresholds(nearest)
+    nearest_only.add(list(range(len(feedback_labels))), bench.x_validation, list(feedback_labels))
+    plain = nearest_only.lookup(bench.x_test[~is_old])
+    nearest_recall = float(np.mean(np.array(plain.labels, dtype=object) == truth[~is_old]))
+    print(f"new-label recall, nearest entry only: {nearest_recall:.3f}")
+    assert new_recall > nearest_recall

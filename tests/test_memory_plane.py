@@ -5,14 +5,18 @@ still gets wrong), and off when ``memory_enabled`` is false."""
 from __future__ import annotations
 
 import asyncio
+import time
 
+import numpy as np
 import pytest
 
+from adapters.serving.data import read_jsonl
 from adapters.serving.registry import ModelRegistry
 from adapters.serving.runtime import OnnxClassifier
 from refit.settings import load_settings
 from refit.store import FeedbackSubmission
 from service.composition import build_data_plane
+from service.memory import RECALIBRATE_AFTER_CHANGES
 from tests.fixtures import TOY_LABELS, write_toy_version
 from tests.servers import wait_for
 
@@ -72,6 +76,40 @@ def test_after_a_promotion_the_memory_keeps_only_what_the_new_model_gets_wrong(r
         assert batch.model_version == "v2"
         assert batch.predictions[0].source == "model"
         assert batch.predictions[0].label == fixed_label
+    finally:
+        plane.stop_blocking()
+
+
+def test_the_memory_reads_the_models_prototypes_and_recalibrates_as_feedback_arrives(
+    registry, tmp_path
+):
+    # The toy version has training texts; give it their embeddings, as `refit train` writes them.
+    v1 = registry.get("v1")
+    train = read_jsonl(v1.path / "data" / "train.jsonl")
+    vectors = OnnxClassifier(v1.path).predict(list(train.texts)).embeddings
+    np.savez(v1.path / "data" / "embeddings.npz", train=vectors.astype(np.float16))
+    plane = plane_over(registry, tmp_path)
+    try:
+        wait_for(lambda: plane.memory_state().built_for == "v1", timeout=10, what="first build")
+        first = plane.memory_state()
+        assert first.prototype_rule and first.feedback_items == 0
+        assert plane.memory is not None and plane.memory.memory.reference is not None
+        assert plane.memory.memory.reference.shape == (len(TOY_LABELS), 384)
+        items = [(CANDIDATES[i], TOY_LABELS[i % len(TOY_LABELS)])
+                 for i in range(RECALIBRATE_AFTER_CHANGES)]
+        give(plane, items[:-1])
+        wait_for(lambda: plane.memory_state().cursor >= RECALIBRATE_AFTER_CHANGES - 1,
+                 timeout=5, what="the follower")
+        time.sleep(1.5)  # a few rounds of the rebuild thread: not due yet
+        assert plane.memory_state().built_at == first.built_at
+        give(plane, items[-1:])
+        wait_for(lambda: plane.memory_state().feedback_items == RECALIBRATE_AFTER_CHANGES,
+                 timeout=15, what="the recalibration")
+        state = plane.memory_state()
+        assert state.built_for == "v1" and state.built_at != first.built_at
+        assert state.calibration is not None
+        assert state.calibration.items == RECALIBRATE_AFTER_CHANGES
+        assert state.new_label_margin is not None  # the default until there is evidence
     finally:
         plane.stop_blocking()
 

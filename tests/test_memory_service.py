@@ -84,6 +84,8 @@ def test_feedback_is_in_effect_at_once_in_every_worker(server):
     states = memories_of_both_workers(server)
     assert all(s["entries"] == 1 and s["built_for"] == "v1" for s in states.values()), states
     assert all(s["new_label_threshold"] is not None for s in states.values())
+    # The served version's class prototypes were read: the prototype rule is on.
+    assert all(s["prototype_rule"] and s["new_label_margin"] is not None for s in states.values())
 
     deleted = fresh_get(server, "/openapi.json")  # the document shows the new fields
     prediction_schema = deleted.json()["components"]["schemas"]["Prediction"]["properties"]

@@ -68,6 +68,7 @@ GAUGES = {
     "refit_drift_detected",
     "refit_drift_window_predictions",
     "refit_drift_last_run_timestamp_seconds",
+    "refit_review_queue_predictions",
 }
 HISTOGRAMS = {
     "refit_http_request_duration_seconds",

@@ -6,14 +6,18 @@ Layout::
       versions/v1/  manifest.json  model.onnx  tokenizer.json  labels.json  data/ ...
       versions/v2/  ...
       current.json  {"version": "v2", "previous": "v1", "promoted_at": "..."}
-      .staging/     versions being written (never read by anyone but their writer)
+      .staging/     versions being written (never read by anyone but their writer), each named
+                    <writer's host key>-<pid>-<random>
       .lock         serialises writers (flock)
 
 Invariants, which hold whatever instant a process dies at:
 
 * A version is visible only once complete. It is written into ``.staging/``, every file and folder
   is fsynced, then the folder is renamed into ``versions/`` in one step. A crash leaves at most an
-  orphaned staging folder, which :meth:`ModelRegistry.cleanup` removes.
+  orphaned staging folder, which :meth:`ModelRegistry.cleanup` removes. Several hosts may share
+  the registry (replicas on one network volume): a staging folder names its writer's host and
+  process, and clean-up removes only its own host's folders whose writer is gone, and other hosts'
+  folders nobody has written to for a long time; never another host's work in progress.
 * Versions are never modified after they appear.
 * ``current.json`` is replaced atomically (temporary file, fsync, rename, fsync of the folder), and
   only ever names a version that is already visible, so it never dangles.
@@ -23,10 +27,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,6 +49,35 @@ from refit.processes import pid_alive
 _VERSION_NAME = re.compile(r"^v(\d+)$")
 MANIFEST = "manifest.json"
 POINTER = "current.json"
+
+
+STAGING_STALE_AFTER_S = 3600.0
+"""Another host's staging folder untouched this long is presumed abandoned."""
+
+
+def host_key() -> str:
+    """Identifies the processes that share this process's ids: the host name, the machine's boot
+    and the pid namespace (so two containers, or one container before and after a restart, never
+    judge each other's writers by process id)."""
+    parts = [socket.gethostname()]
+    for source in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
+        try:
+            parts.append(
+                os.readlink(source) if source.endswith("/pid") else Path(source).read_text()
+            )
+        except OSError:
+            parts.append("")
+    return hashlib.sha256("\0".join(p.strip() for p in parts).encode()).hexdigest()[:12]
+
+
+def last_written(root: Path) -> float:
+    """The newest modification time of ``root`` and everything under it."""
+    newest = 0.0
+    for folder, _, files in os.walk(root):
+        for path in (folder, *(os.path.join(folder, name) for name in files)):
+            with contextlib.suppress(OSError):
+                newest = max(newest, os.stat(path).st_mtime)
+    return newest
 
 
 def utc_now() -> str:
@@ -174,7 +210,7 @@ class ModelRegistry:
     def stage(self) -> Iterator[StagedVersion]:
         """A private folder to write a new version into; removed unless committed."""
         self._ensure_layout()
-        path = self.staging_dir / f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        path = self.staging_dir / f"{host_key()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         path.mkdir()
         staged = StagedVersion(path)
         try:
@@ -220,19 +256,31 @@ class ModelRegistry:
             raise ConflictError("there is no previous version to roll back to")
         return self.promote(pointer.previous)
 
-    def cleanup(self) -> list[Path]:
+    def cleanup(self, stale_after_s: float = STAGING_STALE_AFTER_S) -> list[Path]:
         """Remove what crashed writers left behind; returns what was removed.
 
-        That is staging folders whose writer process is gone, and temporary pointer files (safe
-        to remove under the lock, which every pointer writer holds while its file exists).
+        That is staging folders of this host whose writer process is gone, staging folders of
+        other hosts (whose process ids mean nothing here) untouched for ``stale_after_s``, and
+        temporary pointer files (safe to remove under the lock, which every pointer writer holds
+        while its file exists).
         """
         removed: list[Path] = []
         if not self.staging_dir.is_dir():
             return removed
+        here = host_key()
         for entry in self.staging_dir.iterdir():
-            owner = entry.name.split("-", 1)[0]
-            if owner.isdigit() and pid_alive(int(owner)):
-                continue
+            parts = entry.name.split("-")
+            if len(parts) == 2 and parts[0].isdigit():  # written before names carried the host
+                host, pid = here, parts[0]
+            elif len(parts) == 3 and parts[1].isdigit():
+                host, pid = parts[0], parts[1]
+            else:
+                host, pid = "", ""
+            if host == here:
+                if pid_alive(int(pid)):
+                    continue
+            elif time.time() - last_written(entry) < stale_after_s:
+                continue  # another host's, and maybe still being written
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
         with self._locked():

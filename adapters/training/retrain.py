@@ -34,8 +34,8 @@ import errno
 import hashlib
 import logging
 import os
-import socket
 import sys
+import threading
 import time
 import traceback
 from collections import Counter
@@ -71,6 +71,7 @@ from adapters.training.unfreeze import UnfreezeConfig
 from refit.errors import ConflictError, RefitError
 from refit.jobs import RetrainOptions
 from refit.logs import configure_logging
+from refit.processes import instance_name
 from refit.settings import RefitSettings, load_settings
 from refit.store import Store, StoredFeedback
 
@@ -121,6 +122,44 @@ class JobReporter:
         if force or now - self._last_write >= 0.5:
             self._last_write = now
             self.store.update_job(self.job_id, phase=self.phase_name, progress=self.progress)
+
+
+class JobHeartbeat:
+    """Renews the job's heartbeat in the store every ``interval_s``, from a thread of its own.
+
+    A long step (a fit, an export) therefore never looks like a dead job, and a job whose process
+    is gone looks dead to every replica within ``REFIT_LEASE_TIMEOUT_S``. If the store says the job
+    no longer runs (another replica declared it dead while this process could not reach the
+    store), the process exits at once rather than finish, and perhaps promote, a job the cluster
+    has given up on and may already have replaced.
+    """
+
+    def __init__(self, store: Store, job_id: str, interval_s: float) -> None:
+        self.store = store
+        self.job_id = job_id
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="job-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop renewing (before the job writes its final state)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                running = self.store.heartbeat_job(self.job_id)
+            except Exception:  # noqa: BLE001 - the store may come back before the lease ends
+                log.warning("job %s: could not renew the heartbeat", self.job_id, exc_info=True)
+                continue
+            if not running and not self._stop.is_set():
+                log.error("job %s was declared dead by another replica; exiting", self.job_id)
+                os._exit(3)
 
 
 @dataclass
@@ -373,7 +412,9 @@ def run_job(job_id: str, settings: RefitSettings, store: Store) -> dict[str, Any
     started = time.perf_counter()
     options: RetrainOptions = store.get_job(job_id).options
     reporter = JobReporter(store, job_id)
-    store.update_job(job_id, phase="collecting", pid=os.getpid(), host=socket.gethostname())
+    store.update_job(
+        job_id, phase="collecting", pid=os.getpid(), host=instance_name(settings.instance_name)
+    )
     reporter.phase_name = "collecting"
     registry = ModelRegistry(settings.registry_path)
     champion = registry.current()
@@ -471,16 +512,21 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings)
     store = Store.from_url(settings.resolved_database_url)
     job_id = args.job_id
+    heartbeat = JobHeartbeat(store, job_id, settings.heartbeat_interval_s)
+    heartbeat.start()
     try:
         result = run_job(job_id, settings, store)
     except RefitError as exc:
+        heartbeat.stop()
         store.update_job(job_id, phase="failed", error=exc.message)
         log.error("job %s failed: %s", job_id, exc.message)
         return 1
     except Exception as exc:  # noqa: BLE001 - recorded on the job, then the process exits
+        heartbeat.stop()
         store.update_job(job_id, phase="failed", error=failure_message(exc))
         log.error("job %s failed:\n%s", job_id, traceback.format_exc())
         return 1
+    heartbeat.stop()
     store.update_job(job_id, phase="done", result=result)
     log.info("job %s done: %s", job_id, result["reason"])
     return 0
