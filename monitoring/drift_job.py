@@ -3,16 +3,17 @@
 ``python -m monitoring.drift_job`` loops every ``REFIT_DRIFT_INTERVAL_S``: it compares the newest
 predictions of the serving version with that version's reference (see ``monitoring.drift``),
 writes the result and Evidently's HTML report to the store (``monitoring.drift_store``: every
-replica serves the same ones), sets the drift gauges, and computes online accuracy from feedback.
-It runs at low priority, off every request path, and exits when the serving worker that started it
-goes away. One per machine with SQLite, one per cluster with PostgreSQL: see
-``monitoring.leader``.
+replica serves the same ones), sets the drift gauges, and computes online accuracy from feedback
+and accuracy estimated without labels (``monitoring.estimate``). It runs at low priority, off
+every request path, and exits when the serving worker that started it goes away. One per machine
+with SQLite, one per cluster with PostgreSQL: see ``monitoring.leader``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import sys
 import time
@@ -24,6 +25,7 @@ import numpy as np
 from adapters.serving.registry import ModelRegistry
 from monitoring.drift import DriftResult, Reference, Thresholds, Window, detect
 from monitoring.drift_store import DriftResultStore
+from monitoring.estimate import AccuracyEstimate, estimate_accuracy
 from monitoring.metrics import metrics
 from refit.logs import configure_logging
 from refit.settings import RefitSettings, load_settings
@@ -55,6 +57,7 @@ class DriftJob:
         self.folder = drift_dir(settings)
         self.folder.mkdir(parents=True, exist_ok=True)
         self._reference: Reference | None = None
+        self._estimated_labels: set[str] = set()
 
     def reference_for(self, version_name: str) -> Reference:
         if self._reference is None or self._reference.version != version_name:
@@ -129,6 +132,39 @@ class DriftJob:
                 m.online_accuracy_by_label.labels(label=label).set(value)
         return {"feedback": count, "accuracy": accuracy}
 
+    def update_estimated_accuracy(self) -> AccuracyEstimate | None:
+        """Estimate the serving version's accuracy from its recent predictions' calibrated
+        confidences (see ``monitoring.estimate``) and set the gauges; also publish the version's
+        test accuracy (the baseline the alert compares with) and calibration error."""
+        pointer = self.registry.pointer()
+        m = metrics()
+        if pointer is None:
+            return None
+        version = self.registry.get(pointer.version)
+        manifest = version.manifest
+        test_accuracy = manifest.get("metrics", {}).get("test", {}).get("accuracy")
+        if test_accuracy is not None:
+            m.model_test_accuracy.set(test_accuracy)
+        for split in ("validation", "test"):
+            entry = (manifest.get("calibration") or {}).get(split)
+            if entry:
+                m.model_calibration_error.labels(split=split).set(entry["ece_after"])
+        rows = self.store.recent_confidences(self.settings.estimate_window, pointer.version)
+        m.estimated_accuracy_window.set(len(rows))
+        result = estimate_accuracy([r[0] for r in rows], [r[1] for r in rows])
+        if result is None:
+            return None
+        m.estimated_accuracy.set(result.overall.accuracy)
+        m.estimated_accuracy_lower.set(result.overall.lower)
+        m.estimated_accuracy_upper.set(result.overall.upper)
+        for label, value in result.by_label.items():
+            m.estimated_accuracy_by_label.labels(label=label).set(value.accuracy)
+        # A label that left the window has no estimate now, rather than its old one.
+        for label in self._estimated_labels - set(result.by_label):
+            m.estimated_accuracy_by_label.labels(label=label).set(math.nan)
+        self._estimated_labels = set(result.by_label)
+        return result
+
     def update_review_queue(self) -> int | None:
         """Set the review queue's size: unlabelled, unexpired predictions of the serving version
         below the confidence threshold (``None`` while no version serves)."""
@@ -171,6 +207,10 @@ def main() -> int:
             )
         except Exception:  # noqa: BLE001 - the job must outlive one bad run
             log.exception("drift run failed")
+        try:  # cheap and independent of drift: a failed drift run must not stop it
+            job.update_estimated_accuracy()
+        except Exception:  # noqa: BLE001
+            log.exception("accuracy estimate failed")
         deadline = time.monotonic() + settings.drift_interval_s
         while time.monotonic() < deadline and os.getppid() == parent:
             time.sleep(min(1.0, settings.drift_interval_s))

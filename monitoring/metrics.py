@@ -195,6 +195,63 @@ class RefitMetrics:
             multiprocess_mode="mostrecent",
         )
 
+    # -- accuracy estimated without labels, and calibration (monitoring/estimate.py) -----------
+    @cached_property
+    def estimated_accuracy(self) -> Gauge:
+        return Gauge(
+            "refit_estimated_accuracy_ratio",
+            "Accuracy estimated without labels: mean calibrated confidence of recent predictions.",
+            multiprocess_mode="mostrecent",
+        )
+
+    @cached_property
+    def estimated_accuracy_lower(self) -> Gauge:
+        return Gauge(
+            "refit_estimated_accuracy_lower_ratio",
+            "Lower end of the estimate's 95% interval (Poisson-binomial).",
+            multiprocess_mode="mostrecent",
+        )
+
+    @cached_property
+    def estimated_accuracy_upper(self) -> Gauge:
+        return Gauge(
+            "refit_estimated_accuracy_upper_ratio",
+            "Upper end of the estimate's 95% interval (Poisson-binomial).",
+            multiprocess_mode="mostrecent",
+        )
+
+    @cached_property
+    def estimated_accuracy_by_label(self) -> Gauge:
+        return Gauge(
+            "refit_estimated_accuracy_by_label_ratio",
+            "Estimated accuracy per predicted label (its precision) over the same window.",
+            ["label"], multiprocess_mode="mostrecent",
+        )
+
+    @cached_property
+    def estimated_accuracy_window(self) -> Gauge:
+        return Gauge(
+            "refit_estimated_accuracy_window_predictions",
+            "Predictions of the serving version the estimate is computed over.",
+            multiprocess_mode="mostrecent",
+        )
+
+    @cached_property
+    def model_test_accuracy(self) -> Gauge:
+        return Gauge(
+            "refit_model_test_accuracy_ratio",
+            "Accuracy of the serving version on its held-out test split (the estimate's baseline).",
+            multiprocess_mode="mostrecent",
+        )
+
+    @cached_property
+    def model_calibration_error(self) -> Gauge:
+        return Gauge(
+            "refit_model_calibration_error_ratio",
+            "Expected calibration error of the serving version's confidences, by split.",
+            ["split"], multiprocess_mode="mostrecent",
+        )
+
     @cached_property
     def review_queue(self) -> Gauge:
         return Gauge(

@@ -174,6 +174,9 @@ class RefitSettings(BaseSettings):
     """Wasserstein distance (in standard deviations of the reference) for text-length drift."""
     online_accuracy_window: int = Field(500, ge=10)
     """Feedback on logged predictions that online accuracy is computed over."""
+    estimate_window: int = Field(1000, ge=10)
+    """Most recent predictions of the serving version whose calibrated confidences estimate its
+    accuracy without labels (computed by the drift job, every ``REFIT_DRIFT_INTERVAL_S``)."""
 
     # -- several replicas sharing one store and one registry -------------------------------------
     instance_name: str | None = None

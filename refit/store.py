@@ -400,6 +400,22 @@ class Store:
         rows.reverse()
         return rows
 
+    def recent_confidences(
+        self, limit: int, model_version: str
+    ) -> list[tuple[str, float, float]]:
+        """(label, confidence, created_at) of the newest ``limit`` predictions of one version,
+        oldest first: what the accuracy estimate reads (no texts, no embeddings)."""
+        query = (
+            select(predictions.c.label, predictions.c.confidence, predictions.c.created_at)
+            .where(predictions.c.model_version == model_version)
+            .order_by(predictions.c.created_at.desc())
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            rows = [(row[0], float(row[1]), float(row[2])) for row in conn.execute(query)]
+        rows.reverse()
+        return rows
+
     def enforce_retention(self, max_rows: int, max_age_seconds: float) -> int:
         """Delete predictions beyond the newest ``max_rows`` or older than the age limit."""
         cutoff = time.time() - max_age_seconds

@@ -64,6 +64,7 @@ from service.schemas import (
     MAX_ID,
     DriftResponse,
     ErrorResponse,
+    EstimateResponse,
     FeedbackEntryInfo,
     FeedbackList,
     FeedbackListQuery,
@@ -339,6 +340,9 @@ class Api:
     async def drift(self, request: Request) -> Response:
         return json_response(DriftResponse.model_validate(await self.plane.drift()))
 
+    async def estimate(self, request: Request) -> Response:
+        return json_response(EstimateResponse.from_overview(await self.plane.estimate()))
+
     async def drift_report(self, request: Request) -> Response:
         body, policy = await self.plane.drift_report()
         return Response(body, media_type="text/html; charset=utf-8",
@@ -490,6 +494,10 @@ def operations(api: Api | None) -> list[Operation]:
                   "Evidently's HTML report of the latest drift window", h("drift_report"),
                   response_media_type="text/html", tag="monitoring",
                   errors={404: "No report yet."}),
+        Operation("GET", "/estimate", "estimate",
+                  "Accuracy estimated without labels, from calibrated confidences",
+                  h("estimate"), response=EstimateResponse, tag="monitoring",
+                  errors={503: "No model is loaded yet, or the database is unreachable."}),
         Operation("GET", "/metrics", "metrics", "Prometheus metrics", h("metrics"),
                   response_media_type="text/plain", tag="monitoring"),
         *inference_protocol.operations(h),

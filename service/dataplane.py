@@ -27,6 +27,7 @@ from adapters.serving.registry import ModelRegistry, ModelVersion, Pointer
 from adapters.serving.review import Strategy, diverse_picks, top_two_margin
 from adapters.serving.variants import Int8Gate, VariantChoice
 from monitoring.drift_store import DriftResultStore
+from monitoring.estimate import AccuracyEstimate, estimate_accuracy
 from monitoring.metrics import metrics
 from refit.errors import InvalidInputError, NotFoundError, NotReadyError
 from refit.jobs import Job, RetrainOptions
@@ -163,6 +164,20 @@ class ServingState:
     last_swap_error: str | None
     variant: VariantChoice | None = None
     """The model file served (fp32 or int8) and why."""
+
+
+@dataclass(frozen=True)
+class EstimateOverview:
+    """Accuracy estimated without labels over the serving version's newest predictions."""
+
+    model_version: str | None
+    window: int
+    """The configured window (``REFIT_ESTIMATE_WINDOW``); ``estimate`` may cover fewer."""
+    start: float | None
+    end: float | None
+    estimate: AccuracyEstimate | None
+    test_accuracy: float | None
+    test_calibration_error: float | None
 
 
 @dataclass(frozen=True)
@@ -625,6 +640,25 @@ class DataPlane:
             versions=versions,
             variants={v.name: self.holder.choose(v.manifest) for v in versions},
             int8_gate=self.holder.int8_gate,
+        )
+
+    async def estimate(self) -> EstimateOverview:
+        """The accuracy estimate of the version this worker serves (``monitoring.estimate``)."""
+        self.holder.require()
+        return await asyncio.to_thread(self._estimate_blocking)
+
+    def _estimate_blocking(self) -> EstimateOverview:
+        model = self.holder.require()
+        manifest = self.registry.get(model.version).manifest
+        rows = self.store.recent_confidences(self.settings.estimate_window, model.version)
+        test = manifest.get("metrics", {}).get("test", {})
+        calibration = (manifest.get("calibration") or {}).get("test") or {}
+        return EstimateOverview(
+            model_version=model.version, window=self.settings.estimate_window,
+            start=rows[0][2] if rows else None, end=rows[-1][2] if rows else None,
+            estimate=estimate_accuracy([r[0] for r in rows], [r[1] for r in rows]),
+            test_accuracy=test.get("accuracy"),
+            test_calibration_error=calibration.get("ece_after"),
         )
 
     async def promote(self, version: str) -> Pointer:

@@ -9,6 +9,7 @@ objects by the ``from_...`` constructors here; ``/openapi.json`` is generated fr
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -20,6 +21,7 @@ from refit.jobs import Job, RetrainOptions
 from refit.store import FeedbackEntry, FeedbackQuery, FeedbackSubmission
 from refit.text import LABEL_PATTERN, TEXT_PATTERN, has_control_characters, is_blank
 from service.dataplane import (
+    EstimateOverview,
     FeedbackPage,
     FeedbackReceipt,
     LabelsOverview,
@@ -391,6 +393,37 @@ class Int8Info(BaseModel):
     reason: str
 
 
+class CalibrationSplit(BaseModel):
+    examples: int
+    ece_before: float = Field(description="Expected calibration error of the raw head.")
+    ece_after: float = Field(description="Expected calibration error as served (calibrated).")
+
+
+class CalibrationInfo(BaseModel):
+    """How the served confidences were calibrated (see adapters/training/calibration.py)."""
+
+    method: str = Field(description="`temperature`: the logits divided by one fitted number.")
+    temperature: float = Field(description="Fitted on the validation split; folded into the "
+                               "exported model, so served probabilities are calibrated.")
+    ece_bins: int
+    validation: CalibrationSplit | None = Field(description="Where the temperature was fitted.")
+    test: CalibrationSplit | None = Field(description="Held out: the honest measure.")
+
+    @classmethod
+    def from_manifest(cls, record: dict[str, Any] | None) -> CalibrationInfo | None:
+        if not record:
+            return None
+        splits = {
+            name: CalibrationSplit(examples=record[name]["examples"],
+                                   ece_before=record[name]["ece_before"],
+                                   ece_after=record[name]["ece_after"])
+            if name in record else None
+            for name in ("validation", "test")
+        }
+        return cls(method=record["method"], temperature=record["temperature"],
+                   ece_bins=record["ece_bins"], **splits)
+
+
 class VersionInfo(BaseModel):
     version: str
     parent: str | None = Field(description="The version it was retrained from, if any.")
@@ -398,6 +431,9 @@ class VersionInfo(BaseModel):
     labels: list[str]
     metrics: dict[str, SplitMetrics] = Field(description="Scores on `validation` and `test`.")
     gate: dict[str, Any] | None = Field(description="The promotion gate's decision, if retrained.")
+    calibration: CalibrationInfo | None = Field(
+        None, description="Confidence calibration and its error before and after; null for "
+        "versions trained before calibration existed.")
     current: bool = Field(description="Whether the registry's pointer names this version.")
     int8: Int8Info | None = Field(
         None, description="Its int8 model's check (absent for versions without one).")
@@ -440,6 +476,7 @@ class VersionInfo(BaseModel):
                 if split in m.get("metrics", {})
             },
             gate=m.get("gate"),
+            calibration=CalibrationInfo.from_manifest(m.get("calibration")),
             current=current,
             int8=int8,
             precision=variant.precision if variant else None,
@@ -484,6 +521,53 @@ class ModelsResponse(BaseModel):
                 )
                 for v in overview.versions
             ],
+        )
+
+
+# -- accuracy estimated without labels ---------------------------------------------------------
+
+
+class EstimatedAccuracy(BaseModel):
+    predictions: int = Field(description="Predictions the estimate is computed over.")
+    accuracy: float = Field(description="Their mean calibrated confidence.")
+    lower: float = Field(description="Lower end of the 95% interval (Poisson-binomial).")
+    upper: float = Field(description="Upper end of the 95% interval.")
+
+
+class LabelEstimate(EstimatedAccuracy):
+    label: str = Field(description="The predicted (served) label: its estimate is a precision.")
+
+
+class EstimateResponse(BaseModel):
+    """Accuracy estimated from the calibrated confidences of the serving version's newest
+    predictions, without labels. As good as the calibration: on traffic unlike the training data
+    (new intents) the model is often confidently wrong and the estimate too high."""
+
+    model_version: str = Field(description="The version this worker serves.")
+    window: int = Field(description="Newest predictions considered (`REFIT_ESTIMATE_WINDOW`).")
+    window_start: float | None = Field(description="Unix time of the oldest prediction used.")
+    window_end: float | None = Field(description="Unix time of the newest prediction used.")
+    accuracy: EstimatedAccuracy | None = Field(description="Overall; null before any prediction.")
+    by_label: list[LabelEstimate] = Field(description="Per predicted label, lowest first.")
+    test_accuracy: float | None = Field(description="The version's accuracy on its test split.")
+    test_calibration_error: float | None = Field(
+        description="The version's expected calibration error on its test split.")
+
+    @classmethod
+    def from_overview(cls, overview: EstimateOverview) -> EstimateResponse:
+        estimate = overview.estimate
+        assert overview.model_version is not None
+        return cls(
+            model_version=overview.model_version, window=overview.window,
+            window_start=overview.start, window_end=overview.end,
+            accuracy=EstimatedAccuracy(**asdict(estimate.overall)) if estimate else None,
+            by_label=sorted(
+                (LabelEstimate(label=label, **asdict(e))
+                 for label, e in (estimate.by_label.items() if estimate else [])),
+                key=lambda e: (e.accuracy, e.label),
+            ),
+            test_accuracy=overview.test_accuracy,
+            test_calibration_error=overview.test_calibration_error,
         )
 
 

@@ -165,6 +165,11 @@ def test_models_lists_versions_and_what_is_served(client):
     [version] = body["versions"]
     assert version["current"] is True
     assert 0 < version["metrics"]["test"]["accuracy"] <= 1
+    calibration = version["calibration"]
+    assert calibration["method"] == "temperature" and calibration["temperature"] > 0
+    for split in ("validation", "test"):
+        assert 0 <= calibration[split]["ece_after"] <= 1
+        assert calibration[split]["examples"] == version["metrics"][split]["examples"]
 
 
 def test_probes(client):

@@ -127,3 +127,22 @@ def test_feedback_change_feed_carries_stored_embeddings(backend_store):
     [change] = store.feedback_changes(start)
     assert change.feedback_id == fid and change.encoder_id == "e"
     assert change.embedding is not None and np.array_equal(change.embedding, vector)
+
+
+def test_recent_confidences_are_the_newest_of_one_version_oldest_first(backend_store):
+    store = backend_store
+    now = time.time()
+    rows = [
+        PredictionRecord(f"{int(now * 1000):012x}{i:016x}", now - 10 + i,
+                         "v-estimate" if i % 3 else "v-other", f"text {i}", f"l{i % 2}",
+                         i / 10, vector_bytes(np.zeros(384, np.float32)))
+        for i in range(9)
+    ]
+    store.insert_predictions(rows)
+    mine = [r for r in rows if r.model_version == "v-estimate"]  # i = 1, 2, 4, 5, 7, 8
+    got = store.recent_confidences(4, "v-estimate")
+    assert [(label, conf) for label, conf, _ in got] == [
+        (r.label, pytest.approx(r.confidence)) for r in mine[-4:]
+    ]
+    assert [t for _, _, t in got] == pytest.approx([r.created_at for r in mine[-4:]])
+    assert store.recent_confidences(10, "v-none") == []

@@ -33,6 +33,7 @@ from adapters.serving.evaluation import classification_report
 from adapters.serving.registry import ModelRegistry, ModelVersion, utc_now
 from adapters.serving.tokenization import DEFAULT_MAX_SEQ_LENGTH, TextTokenizer
 from adapters.serving.variants import INT8_FILE, Int8Gate
+from adapters.training.calibration import calibrate_head
 from adapters.training.encoder import (
     ENCODER_NAME,
     ENCODER_PACKAGE,
@@ -495,9 +496,16 @@ def register_version(
     Every version also gets an int8 model, checked against fp32 on the test split under
     ``int8_gate`` (:mod:`adapters.training.quantize`).
     """
-    head, source, data = fitted.head, fitted.encoder, fitted.data
+    source, data = fitted.encoder, fitted.data
     splits, embeddings, labels = data.splits, data.embeddings, data.labels
     tokenizer = source.tokenizer
+    # From here on the head is the calibrated one (its temperature folded into the last layer):
+    # what is exported, checked, stored, evaluated and used for the drift reference.
+    calibration = calibrate_head(
+        fitted.head, embeddings["validation"], data.y("validation"),
+        {name: (embeddings[name], data.y(name)) for name in ("validation", "test")},
+    )
+    head = calibration.head
     with registry.stage() as staged:
         reporter.phase("exporting", "ONNX")
         onnx_path = staged.path / "model.onnx"
@@ -586,6 +594,7 @@ def register_version(
                 },
             },
             "metrics": metrics,
+            "calibration": calibration.record,
             "onnx": {"sha256": sha256_file(onnx_path), "opset": OPSET, "parity": parity},
             "int8": {
                 "file": INT8_FILE,

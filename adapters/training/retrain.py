@@ -50,6 +50,7 @@ from adapters.serving.registry import ModelRegistry, ModelVersion
 from adapters.serving.runtime import OnnxClassifier
 from adapters.serving.tokenization import TextTokenizer
 from adapters.serving.variants import Int8Gate
+from adapters.training.calibration import uncalibrated
 from adapters.training.gate import GateRules, HeldOutPredictions, judge
 from adapters.training.head import HeadConfig, head_probabilities
 from adapters.training.pipeline import (
@@ -342,7 +343,8 @@ def retrain_recipe(
         # a better validation score than one trained from scratch (BENCHMARKS.md).
         index = {label: i for i, label in enumerate(labels)}
         warm_start = WarmStart(
-            head=version_head(champion), hidden_size=config.hidden_size,
+            head=uncalibrated(version_head(champion), champion.manifest),
+            hidden_size=config.hidden_size,
             class_map=[index[label] for label in champion.labels], version=champion.name,
             patience=WARM_PATIENCE,
         )
