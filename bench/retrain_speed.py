@@ -63,11 +63,12 @@ def fill_feedback(db_url: str, texts, labels, vectors, encoder_id: str | None, n
 
 
 def run_job(db_url: str, registry: Path, workdir: Path) -> dict:
+    from refit.jobs import RetrainOptions
     from refit.store import Store
 
     store = Store.from_url(db_url)
     job_id = f"bench-{time.time_ns()}"
-    store.create_job(job_id, {"min_feedback": 1, "force": True})
+    store.create_job(job_id, RetrainOptions(min_feedback=1, force=True))
     env = {**os.environ, "REFIT_DATABASE_URL": db_url, "REFIT_REGISTRY_PATH": str(registry),
            "REFIT_DATA_DIR": str(workdir)}
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -87,8 +88,8 @@ def run_job(db_url: str, registry: Path, workdir: Path) -> dict:
     job = store.get_job(job_id)
     store.close()
     return {"wall_seconds": round(wall, 2), "cpu_seconds": round(cpu, 2),
-            "in_job_seconds": job["result"]["train_seconds"],
-            "version": job["result"]["version"]}
+            "in_job_seconds": job.result["train_seconds"],
+            "version": job.result["version"]}
 
 
 def main() -> None:
