@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -62,13 +63,15 @@ def fill_feedback(db_url: str, texts, labels, vectors, encoder_id: str | None, n
 
 
 def run_job(db_url: str, registry: Path, workdir: Path) -> dict:
+    from refit.jobs import RetrainOptions
     from refit.store import Store
 
     store = Store.from_url(db_url)
     job_id = f"bench-{time.time_ns()}"
-    store.create_job(job_id, {"min_feedback": 1, "force": True})
+    store.create_job(job_id, RetrainOptions(min_feedback=1, force=True))
     env = {**os.environ, "REFIT_DATABASE_URL": db_url, "REFIT_REGISTRY_PATH": str(registry),
            "REFIT_DATA_DIR": str(workdir)}
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     subprocess.run(
         [sys.executable, "-m", "adapters.training.retrain", job_id],
@@ -78,10 +81,15 @@ def run_job(db_url: str, registry: Path, workdir: Path) -> dict:
         capture_output=True,
     )
     wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU seconds (user + system) of the job process: on a shared machine wall time includes
+    # waiting for a core, CPU time does not.
+    cpu = (after.ru_utime - children.ru_utime) + (after.ru_stime - children.ru_stime)
     job = store.get_job(job_id)
     store.close()
-    return {"wall_seconds": round(wall, 2), "in_job_seconds": job["result"]["train_seconds"],
-            "version": job["result"]["version"]}
+    return {"wall_seconds": round(wall, 2), "cpu_seconds": round(cpu, 2),
+            "in_job_seconds": job.result["train_seconds"],
+            "version": job.result["version"]}
 
 
 def main() -> None:
@@ -89,6 +97,11 @@ def main() -> None:
     parser.add_argument("--version-dir", type=Path, required=True)
     parser.add_argument("--sizes", default="1000,10000,50000")
     parser.add_argument("--seconds", type=int, default=20)
+    parser.add_argument("--embeddings", choices=("both", "cached"), default="both",
+                        help="cached: only feedback with embeddings logged at prediction time")
+    parser.add_argument("--repeats", type=int, default=1, help="jobs per size (medians quoted)")
+    parser.add_argument("--skip-latency", action="store_true",
+                        help="only the job timings, no live server")
     args = parser.parse_args()
     shared = require_shared()
 
@@ -105,11 +118,20 @@ def main() -> None:
 
     timings = []
     for size in (int(s) for s in args.sizes.split(",") if s):
-        for cached in (True, False):
+        for cached in (True,) if args.embeddings == "cached" else (True, False):
             db = f"sqlite:///{workdir}/feedback-{size}-{cached}.db"
             fill_feedback(db, texts, labels, vectors, encoder_id if cached else None, size)
-            registry = registry_with(args.version_dir, workdir / f"registry-{size}-{cached}")
-            result = run_job(db, registry, workdir)
+            runs = []
+            for repeat in range(args.repeats):
+                registry = registry_with(
+                    args.version_dir, workdir / f"registry-{size}-{cached}-{repeat}"
+                )
+                runs.append(run_job(db, registry, workdir))
+                print(f"    run {repeat + 1}: {runs[-1]}", file=sys.stderr)
+            result = {
+                key: float(np.median([r[key] for r in runs]))
+                for key in ("wall_seconds", "cpu_seconds", "in_job_seconds")
+            } | {"runs": runs}
             timings.append(
                 {"feedback": size, "embeddings": "cached" if cached else "re-encoded", **result}
             )
@@ -118,6 +140,11 @@ def main() -> None:
                 file=sys.stderr,
             )
 
+    if args.skip_latency:
+        path = save("retrain_speed_jobs", {"timings": timings})
+        print(json.dumps(timings, indent=1))
+        print(f"results: {path}")
+        return
     # Latency around a retrain and around swaps, on a live server.
     test_texts = read_texts(shared / "banking77" / "test.jsonl")
     bodies = write_bodies(test_texts, workdir / "bodies.jsonl")

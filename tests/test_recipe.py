@@ -170,3 +170,67 @@ def test_default_recipe_at_least_matches_logistic_regression_on_hwu64_lt():
             p = model.predict(b.x_test)
             best_val, lr = val, (float((p == y_test).mean()), macro_f1(y_test, p, k))
     assert head[0] >= lr[0] and head[1] >= lr[1], (head, lr, found.best)
+
+
+def test_linear_head_trains_on_one_thread_and_gives_the_threads_back():
+    """L-BFGS's many small vector operations cost 100x more on two threads of a busy machine."""
+    import torch
+
+    # Large enough (20,000 x 384 inputs, 16 classes) that a matrix product would be threaded.
+    x, y = blobs([1250] * 16, spread=1.0, seed=0, dim=384)
+    xv, yv = blobs([5] * 16, spread=1.0, seed=1, dim=384)
+    seen: list[int] = []
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        train_head(x, y, xv, yv, 16, HeadConfig(c=1.0, max_iterations=25), seed=0,
+                   on_epoch=lambda _report: seen.append(torch.get_num_threads()))
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_class_weighting_choice_reaches_each_weightings_own_optimum():
+    """Retraining chooses the class weighting on validation, each candidate starting from the
+    previous one's optimum: the chosen head and every trial's scores are those of a head trained
+    from scratch with that weighting."""
+    from adapters.serving.data import LabelledTexts
+    from adapters.serving.tokenization import TextTokenizer
+    from adapters.training.pipeline import (
+        EmbeddedSplits,
+        EncoderSource,
+        HeadRecipe,
+        SilentReporter,
+        Splits,
+        fit_head,
+    )
+    from tests.fixtures import tokenizer_file
+
+    x, y = blobs([120, 40, 12], spread=1.4, seed=0)
+    xv, yv = blobs([40, 20, 10], spread=1.4, seed=1)
+    labels = ["a", "b", "c"]
+
+    def split(ys: np.ndarray) -> LabelledTexts:
+        return LabelledTexts(tuple(f"t{i}" for i in range(len(ys))), tuple(labels[k] for k in ys))
+
+    data = EmbeddedSplits(labels, Splits(split(y), split(yv), split(yv[:0])),
+                          {"train": x, "validation": xv, "test": xv[:0]})
+    config = HeadConfig(c=30.0)
+    fitted = fit_head(
+        data,
+        HeadRecipe(config=config, search=SearchOptions(strategy="none"),
+                   choose_class_weighting=True),
+        EncoderSource(tokenizer=TextTokenizer(tokenizer_file()), encoder=None), SilentReporter(),
+    )
+    trials = fitted.search["class_weighting"]["trials"]
+    assert [t["class_weight_power"] for t in trials] == [0.0, 0.5, 1.0]
+    for trial in trials:
+        cold = train_head(x, y, xv, yv, 3,
+                          config.with_overrides(class_weight_power=trial["class_weight_power"]),
+                          seed=0)
+        assert abs(cold.val_accuracy - trial["val_accuracy"]) < 1e-6
+        assert abs(cold.val_macro_f1 - trial["val_macro_f1"]) < 1e-6
+        if trial["class_weight_power"] == fitted.config.class_weight_power:
+            difference = head_probabilities(fitted.head, xv) - head_probabilities(cold.head, xv)
+            assert np.abs(difference).max() < 1e-3

@@ -245,9 +245,12 @@ def train_head(
             on_epoch(report)
         return report
 
-    # The MLP's mini-batches are small; so is one pass of a linear head over most data sets.
-    width = num_classes if config.is_linear else config.batch_size
-    with _threads(1 if len(xt) * x_train.shape[1] * width < SMALL_WORK else None):
+    # The MLP's mini-batches are small. The linear head always runs on one thread: L-BFGS's
+    # two-loop recursion does about 40 dot products per iteration on a vector of the head's
+    # parameters (30k floats on banking77), and with two threads each cost 1.3-1.9 ms instead of
+    # 7-17 µs on 2 busy cores, a full pass 3x the wall time and 2.7x the CPU (BENCHMARKS.md).
+    small = len(xt) * x_train.shape[1] * config.batch_size < SMALL_WORK
+    with _threads(1 if config.is_linear or small else None):
         if config.is_linear:
             return _fit_linear(head, xt, yt, weight, config, validate, started)
         return _fit_mlp(head, xt, yt, weight, config, generator, validate, started)
