@@ -95,6 +95,11 @@ class TrainingOptions:
     test_fraction: float = 0.15
     validation_fraction: float = 0.15
 
+    def head_recipe(self) -> HeadRecipe:
+        """How ``refit train`` fits the head with these options (``bench/recipe_compare.py``
+        calls the same)."""
+        return HeadRecipe(self.head, self.search, self.seed, self.unfreeze)
+
 
 @dataclass
 class Splits:
@@ -153,6 +158,9 @@ class HeadRecipe:
     choose_class_weighting: bool = False
     """Without a search, train with and without class weighting and keep the better on
     validation (a search chooses it among its other hyperparameters)."""
+    final_fit_on_validation: bool = True
+    """Once validation has chosen the configuration (and, for an MLP, the epoch count), fit the
+    served head again on train + validation. The test split is never trained on."""
 
 
 @dataclass(frozen=True)
@@ -183,12 +191,27 @@ class FittedHead:
     """The encoder after fitting: fine-tuning replaces the one fitting started with."""
     data: EmbeddedSplits
     """The data, embedded again if the encoder was fine-tuned."""
+    selection_head: ClassifierHead | None = None
+    """When the served head was fitted again on train + validation: the head fitted on train
+    alone, whose validation scores chose the configuration. Validation metrics come from it, since
+    the served head has seen the validation split."""
+    final_fit: dict[str, Any] | None = None
+    """How the served head was fitted when it is not the selection fit (data, size, steps)."""
+
+    @property
+    def validation_head(self) -> ClassifierHead:
+        """The head whose validation predictions are honest: one that never trained on them."""
+        return self.head if self.selection_head is None else self.selection_head
 
     def record(self, seed: int) -> dict[str, Any]:
         return {
             "seed": seed,
             "head": asdict(self.config),
             "head_training": self.trained.summary(),
+            "final_fit": self.final_fit or {
+                "data": "train", "examples": len(self.data.splits.train),
+                "validation_scores": "of this head",
+            },
             "search": self.search,
             "unfreeze": self.unfreeze,
         }
@@ -287,7 +310,7 @@ def train_version(
         encoder=load_encoder(),
     )
     embedded = embed_splits(splits, source_encoder, reporter)
-    recipe = HeadRecipe(options.head, options.search, options.seed, options.unfreeze)
+    recipe = options.head_recipe()
     fitted = fit_head(embedded, recipe, source_encoder, reporter)
     version = register_version(
         registry,
@@ -395,9 +418,50 @@ def fit_head(
         head=trained.head, config=config, trained=trained, search=search_record, unfreeze=None,
         warm_start=None if warm is None else warm.version, encoder=source, data=data,
     )
+    if recipe.final_fit_on_validation and len(y_val) > 0:
+        _refit_on_train_and_validation(fitted, recipe.seed, reporter)
     if recipe.unfreeze.layers > 0:
         fitted = _unfreeze(fitted, recipe, reporter)
     return fitted
+
+
+def _refit_on_train_and_validation(fitted: FittedHead, seed: int, reporter: Reporter) -> None:
+    """Fit the chosen configuration again on train + validation; it becomes the served head.
+
+    Validation has done its work (it chose the configuration and, for an MLP, the epoch count);
+    15% more data is then worth more than keeping it out, the standard practice after a search.
+    The linear head starts from the selection fit's solution and runs to convergence (no early
+    stopping, nothing to choose); the MLP runs exactly the selection fit's best epoch count and
+    keeps its last weights. The selection fit is kept for honest validation metrics.
+    """
+    data, config, selected = fitted.data, fitted.config, fitted.trained
+    x = np.concatenate([data.embeddings["train"], data.embeddings["validation"]])
+    y = np.concatenate([data.y("train"), data.y("validation")])
+    reporter.phase("training", f"final head on train + validation, {len(y)} examples")
+    if config.is_linear:
+        final_config = config
+        warm = (selected.head, list(range(data.num_classes)))
+    else:
+        final_config = config.with_overrides(max_epochs=selected.best_epoch)
+        warm = None
+    final = train_head(
+        x, y, data.embeddings["validation"], data.y("validation"), data.num_classes, final_config,
+        seed, on_epoch=lambda r: reporter.event("epoch", stage="final", **asdict(r)),
+        warm_start=warm, fixed_epochs=True,
+    )
+    fitted.selection_head = selected.head
+    fitted.head = final.head
+    fitted.final_fit = {
+        "data": "train + validation",
+        "examples": len(y),
+        "solver": "lbfgs" if config.is_linear else "adamw",
+        # Linear: L-BFGS iterations from the selection fit's solution; MLP: the epochs it ran.
+        "steps": final.epochs_run,
+        "converged": final.converged,
+        "validation_scores": "of the selection fit on train alone (head_training); the served "
+                             "head has seen the validation split",
+        "seconds": round(final.seconds, 3),
+    }
 
 
 def class_weighting_choices(config: HeadConfig) -> list[HeadConfig]:
@@ -442,6 +506,8 @@ def _unfreeze(fitted: FittedHead, recipe: HeadRecipe, reporter: Reporter) -> Fit
     }
     hidden = recipe.unfreeze.head_hidden_size
     fitted.head = result.head
+    # Fine-tuning trained on train alone, stopping on validation: its validation scores are its own.
+    fitted.selection_head, fitted.final_fit = None, None
     # The head trained with the encoder may have another width: the manifest records the real one.
     fitted.config = fitted.config.with_overrides(
         hidden_size=fitted.config.hidden_size if hidden is None else hidden
@@ -497,8 +563,9 @@ def register_version(
         reporter.phase("evaluating", f"{len(splits.test)} held-out examples")
         metrics: dict[str, Any] = {}
         probabilities: dict[str, np.ndarray] = {}
+        scored_by = {"validation": fitted.validation_head, "test": head}
         for name in ("validation", "test"):
-            probabilities[name] = head_probabilities(head, embeddings[name])
+            probabilities[name] = head_probabilities(scored_by[name], embeddings[name])
             metrics[name] = classification_report(
                 data.y(name), probabilities[name].argmax(axis=1), labels
             )
