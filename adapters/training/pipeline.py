@@ -2,15 +2,17 @@
 
 The recipe: split off a stratified test set (unless one is given) and a validation set; embed
 every text once with the frozen pre-trained encoder; search the head's hyperparameters on
-validation data; train the head with early stopping; optionally unfreeze the encoder's top layers
-gradually at a lower rate; export encoder + head to ONNX and check it against PyTorch; evaluate on
-the held-out test set; record everything needed to reproduce and compare the version in its
-manifest; commit it atomically and (unless told not to) make it the serving version.
+validation data; train the chosen head on the training split (its validation scores are the ones
+reported), then once more on training + validation for the head that is served; optionally
+unfreeze the encoder's top layers gradually at a lower rate; export encoder + head to ONNX and
+check it against PyTorch; evaluate on the held-out test set; record everything needed to
+reproduce and compare the version in its manifest; commit it atomically and (unless told not to)
+make it the serving version.
 
 ``refit train`` (:func:`train_version`) and retraining from feedback
 (:mod:`adapters.training.retrain`) share the two halves: :func:`fit_head` (search → train →
-unfreeze, described by a :class:`HeadRecipe`) and :func:`register_version` (export → check →
-evaluate → commit). They differ only in where the data and the encoder come from.
+final fit → unfreeze, described by a :class:`HeadRecipe`) and :func:`register_version` (export →
+check → evaluate → commit). They differ only in where the data and the encoder come from.
 """
 
 from __future__ import annotations
