@@ -284,3 +284,27 @@ def test_a_complex_choice_must_clear_the_bar_over_plain_logistic_regression():
 
 def test_search_bar_default_is_two_standard_errors():
     assert SearchOptions().complex_bar == 2.0
+
+
+def test_retrain_weighting_choice_applies_the_same_bar():
+    """Without a search (a retrain), class weighting is chosen among three powers by the search's
+    rule: it replaces the unweighted head only if it clears ``complex_bar`` standard errors."""
+    x, y = blobs([600, 30, 30, 30], spread=1.6, seed=0)
+    xv, yv = blobs([150, 150, 150, 150], spread=1.6, seed=1)
+    xt, yt = blobs([20, 20, 20, 20], spread=1.6, seed=2)
+
+    def split(name: str, ys: np.ndarray) -> LabelledTexts:
+        return LabelledTexts.of([f"{name} {i}" for i in range(len(ys))], [f"c{v}" for v in ys])
+
+    data = EmbeddedSplits(["c0", "c1", "c2", "c3"],
+                          Splits(split("train", y), split("validation", yv), split("test", yt)),
+                          {"train": x, "validation": xv, "test": xt})
+    chosen = {}
+    for bar in (2.0, 1e9):
+        recipe = HeadRecipe(config=HeadConfig(c=1.0), search=SearchOptions("none", complex_bar=bar),
+                            choose_class_weighting=True)
+        fitted = fit_head(data, recipe, head_only_source(), SilentReporter())
+        chosen[bar] = fitted.config.class_weight_power
+        assert fitted.search["class_weighting"]["chosen_power"] == chosen[bar]
+    assert chosen[2.0] > 0.0  # balanced validation: weighting helps by far more than the bar
+    assert chosen[1e9] == 0.0  # an unreachable bar keeps the unweighted head

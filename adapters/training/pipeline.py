@@ -62,7 +62,7 @@ from adapters.training.head import (
     save_head,
     train_head,
 )
-from adapters.training.search import SearchOptions, search_head
+from adapters.training.search import SearchOptions, choose_trial, search_head
 from adapters.training.unfreeze import UnfreezeConfig, gradual_unfreeze
 from refit.errors import DatasetError
 
@@ -396,25 +396,33 @@ def fit_head(
     if recipe.search.strategy == "none" and recipe.choose_class_weighting:
         candidates = class_weighting_choices(config)
     reporter.phase("training", f"head on {len(y_train)} examples, {data.num_classes} labels")
-    trained: TrainedHead | None = None
-    weighting_trials = []
+    attempts: list[TrainedHead] = []
+    weighting_trials: list[dict[str, Any]] = []
     for candidate in candidates:
         attempt = train_head(
             x_train, y_train, x_val, y_val, data.num_classes, candidate, recipe.seed,
             on_epoch=lambda r: reporter.event("epoch", stage="head", **asdict(r)),
             warm_start=None if warm is None else (warm.head, warm.class_map),
         )
+        attempts.append(attempt)
         weighting_trials.append({"class_weight_power": candidate.class_weight_power,
+                                 "score": selection_score(attempt),
+                                 "val_loss": attempt.val_loss,
                                  "val_accuracy": round(attempt.val_accuracy, 6),
                                  "val_macro_f1": round(attempt.val_macro_f1, 6)})
-        if trained is None or selection_score(attempt) > selection_score(trained) + 1e-9:
-            trained, config = attempt, candidate
-    assert trained is not None
+    chosen, reason = 0, "one configuration"
+    if len(candidates) > 1 and len(y_val) > 0:
+        # The search's rule: weighting replaces the unweighted head only if it clears the bar.
+        predictions = [head_probabilities(a.head, x_val).argmax(axis=1) for a in attempts]
+        chosen, reason = choose_trial(candidates, weighting_trials, predictions, y_val,
+                                      data.num_classes, recipe.seed, recipe.search.complex_bar)
+    trained, config = attempts[chosen], candidates[chosen]
     if len(candidates) > 1:
         search_record = {**search_record, "class_weighting": {
             "chosen_power": config.class_weight_power,
-            "scoring": "mean of validation accuracy and macro-F1",
-            "trials": weighting_trials,
+            "scoring": f"mean of validation accuracy and macro-F1; {reason}",
+            "trials": [{k: v for k, v in t.items() if k not in ("score", "val_loss")}
+                       for t in weighting_trials],
         }}
     fitted = FittedHead(
         head=trained.head, config=config, trained=trained, search=search_record, unfreeze=None,
