@@ -158,8 +158,9 @@ class HeadRecipe:
     large_batch_from: int | None = None
     """From this many training examples on, train with batches of :data:`LARGE_BATCH`."""
     choose_class_weighting: bool = False
-    """Without a search, train with and without class weighting and keep the better on
-    validation (a search chooses it among its other hyperparameters)."""
+    """Without a search, train with and without class weighting and choose on validation by the
+    search's rule (weighting only if it clears ``search.complex_bar``; a search chooses it among
+    its other hyperparameters)."""
     final_fit_on_validation: bool = True
     """Once validation has chosen the configuration (and, for an MLP, the epoch count), fit the
     served head again on train + validation. The test split is never trained on."""
@@ -429,31 +430,39 @@ def fit_head(
         warm_start=None if warm is None else warm.version, encoder=source, data=data,
     )
     if recipe.final_fit_on_validation and len(y_val) > 0:
-        _refit_on_train_and_validation(fitted, recipe.seed, reporter)
+        start = None if warm is None else (warm.head, warm.class_map)
+        _refit_on_train_and_validation(fitted, recipe.seed, reporter, start)
     if recipe.unfreeze.layers > 0:
         fitted = _unfreeze(fitted, recipe, reporter)
     return fitted
 
 
-def _refit_on_train_and_validation(fitted: FittedHead, seed: int, reporter: Reporter) -> None:
+def _refit_on_train_and_validation(
+    fitted: FittedHead,
+    seed: int,
+    reporter: Reporter,
+    mlp_start: tuple[ClassifierHead, list[int]] | None = None,
+) -> None:
     """Fit the chosen configuration again on train + validation; it becomes the served head.
 
     Validation has done its work (it chose the configuration and, for an MLP, the epoch count);
     15% more data is then worth more than keeping it out, the standard practice after a search.
     The linear head starts from the selection fit's solution and runs to convergence (no early
-    stopping, nothing to choose); the MLP runs exactly the selection fit's best epoch count and
-    keeps its last weights. The selection fit is kept for honest validation metrics.
+    stopping, nothing to choose); the MLP runs exactly the selection fit's best epoch count from
+    the selection fit's own start (``mlp_start``, a retrain's warm start, or scratch) and keeps its
+    last weights. The selection fit is kept for honest validation metrics.
     """
     data, config, selected = fitted.data, fitted.config, fitted.trained
     x = np.concatenate([data.embeddings["train"], data.embeddings["validation"]])
     y = np.concatenate([data.y("train"), data.y("validation")])
     reporter.phase("training", f"final head on train + validation, {len(y)} examples")
+    warm: tuple[ClassifierHead, list[int]] | None
     if config.is_linear:
         final_config = config
         warm = (selected.head, list(range(data.num_classes)))
     else:
         final_config = config.with_overrides(max_epochs=selected.best_epoch)
-        warm = None
+        warm = mlp_start
     final = train_head(
         x, y, data.embeddings["validation"], data.y("validation"), data.num_classes, final_config,
         seed, on_epoch=lambda r: reporter.event("epoch", stage="final", **asdict(r)),
