@@ -11,9 +11,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from adapters.serving.data import LabelledTexts
 from adapters.serving.evaluation import macro_f1
-from adapters.training.head import HeadConfig, class_weights, head_probabilities, train_head
-from adapters.training.search import SearchOptions, candidate_configs, search_head
+from adapters.serving.tokenization import TextTokenizer
+from adapters.training.encoder import packaged_encoder_dir
+from adapters.training.head import (
+    HeadConfig,
+    class_weights,
+    head_probabilities,
+    selection_score,
+    train_head,
+)
+from adapters.training.pipeline import (
+    EmbeddedSplits,
+    EncoderSource,
+    HeadRecipe,
+    SilentReporter,
+    Splits,
+    fit_head,
+)
+from adapters.training.search import SearchOptions, candidate_configs, choose_trial, search_head
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -104,12 +121,14 @@ def test_search_turns_weighting_on_where_it_helps():
     assert chosen.val_macro_f1 > plain.val_macro_f1
 
 
-def test_grid_covers_weighting_powers_c_range_and_an_mlp():
+def test_grid_covers_weighting_powers_and_c_range_and_mlps_on_request():
     configs = candidate_configs(HeadConfig(), SearchOptions("grid"), 0)
-    linear = [c for c in configs if c.is_linear]
+    assert all(c.is_linear for c in configs)  # the default grid: logistic regression only
     assert {c.class_weight_power for c in configs} == {0.0, 0.5, 1.0}
-    assert min(c.c for c in linear) <= 0.01 and max(c.c for c in linear) >= 1000
-    assert any(not c.is_linear for c in configs)
+    assert min(c.c for c in configs) <= 0.01 and max(c.c for c in configs) >= 1000
+    with_mlp = candidate_configs(HeadConfig(), SearchOptions("grid", mlp=True), 0)
+    assert with_mlp[: len(configs)] == configs
+    assert {c.class_weight_power for c in with_mlp if not c.is_linear} == {0.0, 0.5, 1.0}
     assert candidate_configs(HeadConfig(c=3.0), SearchOptions("none"), 0) == [HeadConfig(c=3.0)]
 
 
@@ -153,11 +172,10 @@ def test_default_recipe_at_least_matches_logistic_regression_on_hwu64_lt():
     b = load("hwu64-lt")
     k = len(b.labels)
     y_train, y_val, y_test = b.y("train"), b.y("validation"), b.y("test")
-    options = TrainingOptions()
-    found = search_head(b.x_train, y_train, b.x_validation, y_val, k, options.head,
-                        options.search, options.seed)
-    trained = train_head(b.x_train, y_train, b.x_validation, y_val, k, found.best, options.seed)
-    predicted = head_probabilities(trained.head, b.x_test).argmax(axis=1)
+    data = EmbeddedSplits(b.labels, Splits(b.train, b.validation, b.test),
+                          {"train": b.x_train, "validation": b.x_validation, "test": b.x_test})
+    fitted = fit_head(data, TrainingOptions().head_recipe(), head_only_source(), SilentReporter())
+    predicted = head_probabilities(fitted.head, b.x_test).argmax(axis=1)
     head = (float((predicted == y_test).mean()), macro_f1(y_test, predicted, k))
 
     best_val, lr = -1.0, (0.0, 0.0)
@@ -169,7 +187,7 @@ def test_default_recipe_at_least_matches_logistic_regression_on_hwu64_lt():
         if val > best_val:
             p = model.predict(b.x_test)
             best_val, lr = val, (float((p == y_test).mean()), macro_f1(y_test, p, k))
-    assert head[0] >= lr[0] and head[1] >= lr[1], (head, lr, found.best)
+    assert head[0] >= lr[0] and head[1] >= lr[1], (head, lr, fitted.config)
 
 
 def test_linear_head_trains_on_one_thread_and_gives_the_threads_back():
@@ -232,5 +250,130 @@ def test_class_weighting_choice_reaches_each_weightings_own_optimum():
         assert abs(cold.val_accuracy - trial["val_accuracy"]) < 1e-6
         assert abs(cold.val_macro_f1 - trial["val_macro_f1"]) < 1e-6
         if trial["class_weight_power"] == fitted.config.class_weight_power:
-            difference = head_probabilities(fitted.head, xv) - head_probabilities(cold.head, xv)
+            # The selection fit (train only); the served head is then refitted on train +
+            # validation.
+            difference = (head_probabilities(fitted.trained.head, xv)
+                          - head_probabilities(cold.head, xv))
             assert np.abs(difference).max() < 1e-3
+
+
+
+
+def embedded_blobs(sizes: list[int], spread: float) -> EmbeddedSplits:
+    """Blobs as the pipeline's data: train, validation and test splits with their embeddings."""
+    parts = {}
+    vectors = {}
+    for seed, name in enumerate(("train", "validation", "test")):
+        x, y = blobs(sizes, spread=spread, seed=seed)
+        parts[name] = LabelledTexts.of([f"{name} {i}" for i in range(len(y))],
+                                       [f"c{v}" for v in y])
+        vectors[name] = x
+    return EmbeddedSplits(sorted({f"c{v}" for v in range(len(sizes))}), Splits(**parts), vectors)
+
+
+def head_only_source() -> EncoderSource:
+    return EncoderSource(
+        tokenizer=TextTokenizer(packaged_encoder_dir() / "tokenizer.json", 128), encoder=None
+    )
+
+
+@pytest.mark.parametrize("hidden_size", [0, 32])
+def test_final_head_is_fitted_on_train_and_validation(hidden_size):
+    """The served head is the chosen configuration fitted on train + validation; the manifest's
+    validation scores come from the selection fit, which never saw validation."""
+    data = embedded_blobs([80, 50, 30], spread=1.5)
+    config = HeadConfig(hidden_size=hidden_size, c=1.0, max_epochs=30, patience=5)
+    recipe = HeadRecipe(config=config, search=SearchOptions("none"))
+    fitted = fit_head(data, recipe, head_only_source(), SilentReporter())
+
+    pooled_x = np.concatenate([data.embeddings["train"], data.embeddings["validation"]])
+    pooled_y = np.concatenate([data.y("train"), data.y("validation")])
+    x_test = data.embeddings["test"]
+    selection = fitted.trained
+    assert fitted.selection_head is selection.head and fitted.head is not selection.head
+    assert fitted.validation_head is selection.head
+    if hidden_size:  # the MLP runs the selection fit's best epoch count on the pooled data
+        final_config = config.with_overrides(max_epochs=selection.best_epoch)
+        expected = train_head(pooled_x, pooled_y, x_test[:0], data.y("test")[:0], 3,
+                              final_config, 0, fixed_epochs=True)
+    else:
+        expected = train_head(pooled_x, pooled_y, x_test[:0], data.y("test")[:0], 3, config, 0)
+    served = head_probabilities(fitted.head, x_test)
+    assert np.abs(served - head_probabilities(expected.head, x_test)).max() < 2e-3
+    # ... and it is not the head fitted on train alone.
+    assert np.abs(served - head_probabilities(selection.head, x_test)).max() > 1e-2
+    record = fitted.record(seed=0)
+    assert record["final_fit"]["data"] == "train + validation"
+    assert record["final_fit"]["examples"] == len(pooled_y)
+    assert record["head_training"]["val_accuracy"] == round(selection.val_accuracy, 6)
+
+
+def test_final_fit_can_be_left_to_train_alone():
+    data = embedded_blobs([40, 40], spread=1.0)
+    recipe = HeadRecipe(search=SearchOptions("none"), final_fit_on_validation=False)
+    fitted = fit_head(data, recipe, head_only_source(), SilentReporter())
+    assert fitted.selection_head is None and fitted.head is fitted.trained.head
+    assert fitted.record(seed=0)["final_fit"]["data"] == "train"
+
+
+def test_a_complex_choice_must_clear_the_bar_over_plain_logistic_regression():
+    """A weighted or MLP trial replaces the best plain one only if it wins by more than
+    ``bar`` bootstrap standard errors of the paired difference."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 2000)
+    plain_right = rng.random(2000) < 0.80
+    plain = np.where(plain_right, y, (y + 1) % 4)
+    configs = [HeadConfig(c=1.0), HeadConfig(c=1.0, class_weight_power=1.0),
+               HeadConfig(hidden_size=64)]
+
+    def trials(scores: list[float]) -> list[dict]:
+        return [{"score": s, "val_loss": 1.0} for s in scores]
+
+    def score(predicted: np.ndarray) -> float:
+        return selection_score(float((predicted == y).mean()), macro_f1(y, predicted, 4))
+
+    # "slightly": the MLP fixes 20 of plain's mistakes and makes 12 new ones: better, by about
+    # 1.4 s.e. (8 net of 32 discordant items); "far": it fixes 200 and makes the same 12.
+    wrong, right = np.flatnonzero(~plain_right), np.flatnonzero(plain_right)
+    slightly = plain.copy()
+    slightly[wrong[:20]] = y[wrong[:20]]
+    slightly[right[:12]] = (y[right[:12]] + 2) % 4
+    far = slightly.copy()
+    far[wrong[:200]] = y[wrong[:200]]
+    for mlp, bar, expected in ((slightly, 2.0, 0), (far, 2.0, 2), (slightly, 0.0, 2)):
+        predictions = [plain, plain, mlp]
+        chosen, reason = choose_trial(configs, trials([score(p) for p in predictions]),
+                                      predictions, y, 4, seed=0, bar=bar)
+        assert chosen == expected, reason
+    # Better by more than one s.e.: the old bar of one s.e. took it.
+    chosen, reason = choose_trial(configs, trials([score(plain), score(plain), score(slightly)]),
+                                  [plain, plain, slightly], y, 4, seed=0, bar=1.0)
+    assert chosen == 2, reason
+
+
+def test_search_bar_default_is_two_standard_errors():
+    assert SearchOptions().complex_bar == 2.0
+
+
+def test_retrain_weighting_choice_applies_the_same_bar():
+    """Without a search (a retrain), class weighting is chosen among three powers by the search's
+    rule: it replaces the unweighted head only if it clears ``complex_bar`` standard errors."""
+    x, y = blobs([600, 30, 30, 30], spread=1.6, seed=0)
+    xv, yv = blobs([150, 150, 150, 150], spread=1.6, seed=1)
+    xt, yt = blobs([20, 20, 20, 20], spread=1.6, seed=2)
+
+    def split(name: str, ys: np.ndarray) -> LabelledTexts:
+        return LabelledTexts.of([f"{name} {i}" for i in range(len(ys))], [f"c{v}" for v in ys])
+
+    data = EmbeddedSplits(["c0", "c1", "c2", "c3"],
+                          Splits(split("train", y), split("validation", yv), split("test", yt)),
+                          {"train": x, "validation": xv, "test": xt})
+    chosen = {}
+    for bar in (2.0, 1e9):
+        recipe = HeadRecipe(config=HeadConfig(c=1.0), search=SearchOptions("none", complex_bar=bar),
+                            choose_class_weighting=True)
+        fitted = fit_head(data, recipe, head_only_source(), SilentReporter())
+        chosen[bar] = fitted.config.class_weight_power
+        assert fitted.search["class_weighting"]["chosen_power"] == chosen[bar]
+    assert chosen[2.0] > 0.0  # balanced validation: weighting helps by far more than the bar
+    assert chosen[1e9] == 0.0  # an unreachable bar keeps the unweighted head

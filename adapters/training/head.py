@@ -204,6 +204,7 @@ def train_head(
     seed: int,
     on_epoch: EpochCallback | None = None,
     warm_start: tuple[ClassifierHead, list[int]] | None = None,
+    fixed_epochs: bool = False,
 ) -> TrainedHead:
     """Train a head on embeddings and score it on the validation data.
 
@@ -213,6 +214,10 @@ def train_head(
     class's index here: training starts from its weights (and its centring), classes it lacks
     start from zero (linear) or from scratch (MLP), so a retrained head converges in a few
     iterations instead of many.
+
+    With ``fixed_epochs`` the MLP runs exactly ``config.max_epochs`` epochs and keeps the last
+    weights: the validation data is then only reported on, never used to choose (the final fit on
+    train + validation, whose epoch count the selection fit chose). The linear head ignores it.
     """
     started = time.perf_counter()
     generator = seed_everything(seed)
@@ -253,7 +258,8 @@ def train_head(
     with _threads(1 if config.is_linear or small else None):
         if config.is_linear:
             return _fit_linear(head, xt, yt, weight, config, validate, started)
-        return _fit_mlp(head, xt, yt, weight, config, generator, validate, started)
+        return _fit_mlp(head, xt, yt, weight, config, generator, validate, started,
+                        fixed_epochs)
 
 
 SMALL_WORK = 100_000_000
@@ -344,6 +350,7 @@ def _fit_mlp(
     generator: torch.Generator,
     validate: Callable[[int, float], EpochReport],
     started: float,
+    fixed_epochs: bool = False,
 ) -> TrainedHead:
     loss_fn = nn.CrossEntropyLoss(
         weight=weight if config.class_weight_power else None,
@@ -370,6 +377,9 @@ def _fit_mlp(
             total += float(loss.detach()) * len(batch)
         report = validate(epoch, total / len(xt))
         history.append(report)
+        if fixed_epochs:
+            best = report
+            continue
         score = selection_score(report.val_accuracy, report.val_macro_f1)
         best_score = -1.0 if best is None else selection_score(best.val_accuracy, best.val_macro_f1)
         improved = score > best_score + 1e-4
@@ -383,7 +393,8 @@ def _fit_mlp(
         if stale >= config.patience:
             break
     assert best is not None
-    head.load_state_dict(best_state)
+    if not fixed_epochs:
+        head.load_state_dict(best_state)
     head.eval()
     return TrainedHead(
         head=head, config=config, best_epoch=best.epoch, epochs_run=epoch,

@@ -2,15 +2,17 @@
 
 The recipe: split off a stratified test set (unless one is given) and a validation set; embed
 every text once with the frozen pre-trained encoder; search the head's hyperparameters on
-validation data; train the head with early stopping; optionally unfreeze the encoder's top layers
-gradually at a lower rate; export encoder + head to ONNX and check it against PyTorch; evaluate on
-the held-out test set; record everything needed to reproduce and compare the version in its
-manifest; commit it atomically and (unless told not to) make it the serving version.
+validation data; train the chosen head on the training split (its validation scores are the ones
+reported), then once more on training + validation for the head that is served; optionally
+unfreeze the encoder's top layers gradually at a lower rate; export encoder + head to ONNX and
+check it against PyTorch; evaluate on the held-out test set; record everything needed to
+reproduce and compare the version in its manifest; commit it atomically and (unless told not to)
+make it the serving version.
 
 ``refit train`` (:func:`train_version`) and retraining from feedback
 (:mod:`adapters.training.retrain`) share the two halves: :func:`fit_head` (search → train →
-unfreeze, described by a :class:`HeadRecipe`) and :func:`register_version` (export → check →
-evaluate → commit). They differ only in where the data and the encoder come from.
+final fit → unfreeze, described by a :class:`HeadRecipe`) and :func:`register_version` (export →
+check → evaluate → commit). They differ only in where the data and the encoder come from.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ from adapters.training.head import (
 )
 from adapters.training.quantize import METHOD as INT8_METHOD
 from adapters.training.quantize import Probe, check_int8, write_int8
-from adapters.training.search import SearchOptions, search_head
+from adapters.training.search import SearchOptions, choose_trial, search_head
 from adapters.training.unfreeze import UnfreezeConfig, gradual_unfreeze
 from refit.errors import DatasetError
 
@@ -100,6 +102,11 @@ class TrainingOptions:
     validation_fraction: float = 0.15
     int8_gate: Int8Gate = field(default_factory=Int8Gate)
     """Thresholds the int8 model's check is judged by (``REFIT_INT8_*`` settings)."""
+
+    def head_recipe(self) -> HeadRecipe:
+        """How ``refit train`` fits the head with these options (``bench/recipe_compare.py``
+        calls the same)."""
+        return HeadRecipe(self.head, self.search, self.seed, self.unfreeze)
 
 
 @dataclass
@@ -157,8 +164,12 @@ class HeadRecipe:
     large_batch_from: int | None = None
     """From this many training examples on, train with batches of :data:`LARGE_BATCH`."""
     choose_class_weighting: bool = False
-    """Without a search, train with and without class weighting and keep the better on
-    validation (a search chooses it among its other hyperparameters)."""
+    """Without a search, train with and without class weighting and choose on validation by the
+    search's rule (weighting only if it clears ``search.complex_bar``; a search chooses it among
+    its other hyperparameters)."""
+    final_fit_on_validation: bool = True
+    """Once validation has chosen the configuration (and, for an MLP, the epoch count), fit the
+    served head again on train + validation. The test split is never trained on."""
 
 
 @dataclass(frozen=True)
@@ -191,12 +202,27 @@ class FittedHead:
     """The encoder after fitting: fine-tuning replaces the one fitting started with."""
     data: EmbeddedSplits
     """The data, embedded again if the encoder was fine-tuned."""
+    selection_head: ClassifierHead | None = None
+    """When the served head was fitted again on train + validation: the head fitted on train
+    alone, whose validation scores chose the configuration. Validation metrics come from it, since
+    the served head has seen the validation split."""
+    final_fit: dict[str, Any] | None = None
+    """How the served head was fitted when it is not the selection fit (data, size, steps)."""
+
+    @property
+    def validation_head(self) -> ClassifierHead:
+        """The head whose validation predictions are honest: one that never trained on them."""
+        return self.head if self.selection_head is None else self.selection_head
 
     def record(self, seed: int) -> dict[str, Any]:
         return {
             "seed": seed,
             "head": asdict(self.config),
             "head_training": self.trained.summary(),
+            "final_fit": self.final_fit or {
+                "data": "train", "examples": len(self.data.splits.train),
+                "validation_scores": "of this head",
+            },
             "search": self.search,
             "unfreeze": self.unfreeze,
         }
@@ -310,7 +336,7 @@ def train_version(
         encoder=load_encoder(),
     )
     embedded = embed_splits(splits, source_encoder, reporter)
-    recipe = HeadRecipe(options.head, options.search, options.seed, options.unfreeze)
+    recipe = options.head_recipe()
     fitted = fit_head(embedded, recipe, source_encoder, reporter)
     version = register_version(
         registry,
@@ -395,8 +421,8 @@ def fit_head(
     if recipe.search.strategy == "none" and recipe.choose_class_weighting:
         candidates = class_weighting_choices(config)
     reporter.phase("training", f"head on {len(y_train)} examples, {data.num_classes} labels")
-    trained: TrainedHead | None = None
-    weighting_trials = []
+    attempts: list[TrainedHead] = []
+    weighting_trials: list[dict[str, Any]] = []
     start = None if warm is None else (warm.head, warm.class_map)
     for candidate in candidates:
         attempt = train_head(
@@ -404,30 +430,87 @@ def fit_head(
             on_epoch=lambda r: reporter.event("epoch", stage="head", **asdict(r)),
             warm_start=start,
         )
+        attempts.append(attempt)
         if candidate.is_linear:
             # The candidates' objectives differ only in class weights, and each is convex: the
             # last one's optimum is a closer start than the champion, and leads to the same
             # optimum in fewer L-BFGS iterations.
             start = (attempt.head, list(range(data.num_classes)))
         weighting_trials.append({"class_weight_power": candidate.class_weight_power,
+                                 "score": selection_score(attempt),
+                                 "val_loss": attempt.val_loss,
                                  "val_accuracy": round(attempt.val_accuracy, 6),
                                  "val_macro_f1": round(attempt.val_macro_f1, 6)})
-        if trained is None or selection_score(attempt) > selection_score(trained) + 1e-9:
-            trained, config = attempt, candidate
-    assert trained is not None
+    chosen, reason = 0, "one configuration"
+    if len(candidates) > 1 and len(y_val) > 0:
+        # The search's rule: weighting replaces the unweighted head only if it clears the bar.
+        predictions = [head_probabilities(a.head, x_val).argmax(axis=1) for a in attempts]
+        chosen, reason = choose_trial(candidates, weighting_trials, predictions, y_val,
+                                      data.num_classes, recipe.seed, recipe.search.complex_bar)
+    trained, config = attempts[chosen], candidates[chosen]
     if len(candidates) > 1:
         search_record = {**search_record, "class_weighting": {
             "chosen_power": config.class_weight_power,
-            "scoring": "mean of validation accuracy and macro-F1",
-            "trials": weighting_trials,
+            "scoring": f"mean of validation accuracy and macro-F1; {reason}",
+            "trials": [{k: v for k, v in t.items() if k not in ("score", "val_loss")}
+                       for t in weighting_trials],
         }}
     fitted = FittedHead(
         head=trained.head, config=config, trained=trained, search=search_record, unfreeze=None,
         warm_start=None if warm is None else warm.version, encoder=source, data=data,
     )
+    if recipe.final_fit_on_validation and len(y_val) > 0:
+        start = None if warm is None else (warm.head, warm.class_map)
+        _refit_on_train_and_validation(fitted, recipe.seed, reporter, start)
     if recipe.unfreeze.layers > 0:
         fitted = _unfreeze(fitted, recipe, reporter)
     return fitted
+
+
+def _refit_on_train_and_validation(
+    fitted: FittedHead,
+    seed: int,
+    reporter: Reporter,
+    mlp_start: tuple[ClassifierHead, list[int]] | None = None,
+) -> None:
+    """Fit the chosen configuration again on train + validation; it becomes the served head.
+
+    Validation has done its work (it chose the configuration and, for an MLP, the epoch count);
+    15% more data is then worth more than keeping it out, the standard practice after a search.
+    The linear head starts from the selection fit's solution and runs to convergence (no early
+    stopping, nothing to choose); the MLP runs exactly the selection fit's best epoch count from
+    the selection fit's own start (``mlp_start``, a retrain's warm start, or scratch) and keeps its
+    last weights. The selection fit is kept for honest validation metrics.
+    """
+    data, config, selected = fitted.data, fitted.config, fitted.trained
+    x = np.concatenate([data.embeddings["train"], data.embeddings["validation"]])
+    y = np.concatenate([data.y("train"), data.y("validation")])
+    reporter.phase("training", f"final head on train + validation, {len(y)} examples")
+    warm: tuple[ClassifierHead, list[int]] | None
+    if config.is_linear:
+        final_config = config
+        warm = (selected.head, list(range(data.num_classes)))
+    else:
+        final_config = config.with_overrides(max_epochs=selected.best_epoch)
+        warm = mlp_start
+    final = train_head(
+        x, y, data.embeddings["validation"], data.y("validation"), data.num_classes, final_config,
+        seed, on_epoch=lambda r: reporter.event("epoch", stage="final", **asdict(r)),
+        warm_start=warm, fixed_epochs=True,
+    )
+    fitted.selection_head = selected.head
+    fitted.head = final.head
+    fitted.final_fit = {
+        "data": "train + validation",
+        "examples": len(y),
+        "solver": "lbfgs" if config.is_linear else "adamw",
+        # Linear: L-BFGS iterations from the selection fit's solution; MLP: the epochs it ran.
+        "steps": final.epochs_run,
+        "converged": final.converged,
+        "validation_scores": "of the selection fit on train alone (head_training); the served "
+                             "head has seen the validation split",
+        "seconds": round(final.seconds, 3),
+    }
 
 
 def class_weighting_choices(config: HeadConfig) -> list[HeadConfig]:
@@ -472,6 +555,8 @@ def _unfreeze(fitted: FittedHead, recipe: HeadRecipe, reporter: Reporter) -> Fit
     }
     hidden = recipe.unfreeze.head_hidden_size
     fitted.head = result.head
+    # Fine-tuning trained on train alone, stopping on validation: its validation scores are its own.
+    fitted.selection_head, fitted.final_fit = None, None
     # The head trained with the encoder may have another width: the manifest records the real one.
     fitted.config = fitted.config.with_overrides(
         hidden_size=fitted.config.hidden_size if hidden is None else hidden
@@ -537,8 +622,9 @@ def register_version(
         reporter.phase("evaluating", f"{len(splits.test)} held-out examples")
         metrics: dict[str, Any] = {}
         probabilities: dict[str, np.ndarray] = {}
+        scored_by = {"validation": fitted.validation_head, "test": head}
         for name in ("validation", "test"):
-            probabilities[name] = head_probabilities(head, embeddings[name])
+            probabilities[name] = head_probabilities(scored_by[name], embeddings[name])
             metrics[name] = classification_report(
                 data.y(name), probabilities[name].argmax(axis=1), labels
             )

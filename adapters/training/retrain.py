@@ -19,7 +19,8 @@ The job is a short sequence of steps (:func:`run_job`):
    forgotten; labels active only in feedback become new classes.
 4. **Fit** the head exactly as ``refit train`` does (:func:`~adapters.training.pipeline.fit_head`),
    from the champion's chosen configuration (or a new search, with ``search: "grid"``), with class
-   weighting chosen on validation, warm-started from the champion's head.
+   weighting chosen on validation, warm-started from the champion's head, then fitted once more
+   on train + validation for the head it serves (the gate's held-out items are never trained on).
 5. **Gate**: champion and challenger are judged on the same held-out items
    (:mod:`adapters.training.gate`).
 6. **Register** the version, either way, with the gate's decision in its manifest.
