@@ -66,6 +66,7 @@ def run(name: str, search: str) -> dict[str, Any]:
     calibration = calibrate_head(
         fitted.head, b.x_validation, data.y("validation"),
         {split: (data.embeddings[split], data.y(split)) for split in ("validation", "test")},
+        held_out_head=fitted.selection_head,
     )
     config = fitted.config
     record = calibration.record

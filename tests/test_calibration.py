@@ -104,6 +104,29 @@ def test_calibrate_head_records_before_and_after_and_folds_the_fitted_temperatur
     )
 
 
+def test_temperature_comes_from_the_head_that_never_saw_validation() -> None:
+    """The served head may be refitted on train + validation: T is then fitted on the train-only
+    selection fit's validation logits and folded into the served head, not fitted to the served
+    head's own (memorised) validation logits."""
+    served, held_out = head_of(0), head_of(0, seed=5)
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(400, 384)).astype(np.float32)
+    y = np.array([rng.choice(7, p=row) for row in softmax(head_logits(held_out, x), 3.0)])
+    result = calibrate_head(served, x, y, {"validation": (x, y), "test": (x, y)},
+                            held_out_head=held_out)
+    assert result.temperature == pytest.approx(fit_temperature(head_logits(held_out, x), y))
+    assert result.temperature != pytest.approx(fit_temperature(head_logits(served, x), y))
+    assert head_logits(result.head, x) == pytest.approx(
+        head_logits(served, x) / result.temperature, rel=1e-5, abs=1e-5
+    )
+    record = result.record
+    assert "selection fit" in record["fitted_on"]
+    held_out_ece = expected_calibration_error(softmax(head_logits(held_out, x)), y)
+    assert record["validation"]["ece_before"] == pytest.approx(held_out_ece, abs=2e-6)
+    served_ece = expected_calibration_error(softmax(head_logits(served, x)), y)
+    assert record["test"]["ece_before"] == pytest.approx(served_ece, abs=2e-6)
+
+
 @pytest.fixture(scope="module")
 def encoder_and_tokenizer():
     from adapters.training.encoder import load_encoder, tokenizer_for

@@ -159,19 +159,29 @@ def calibrate_head(
     x_validation: np.ndarray,
     y_validation: np.ndarray,
     judged: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    held_out_head: ClassifierHead | None = None,
 ) -> Calibration:
     """Fit ``T`` on the validation split, fold it into a copy of ``head``, and measure ECE and NLL
-    before and after on every split of ``judged`` (``name -> (embeddings, class indices)``)."""
-    temperature = fit_temperature(head_logits(head, x_validation), y_validation)
+    before and after on every split of ``judged`` (``name -> (embeddings, class indices)``).
+
+    ``T`` must come from predictions on data the head did not train on. When ``head`` is the final
+    fit on train + validation, ``held_out_head`` is the same configuration fitted on train alone
+    (the selection fit): ``T`` is fitted on *its* validation logits and then folded into ``head``,
+    and the ``validation`` entry of the record is measured on it too. Fitted on the final head's
+    own validation logits, ``T`` would be fitted to data it memorised, and served confidences
+    would come out over-confident."""
+    fitted_by = head if held_out_head is None else held_out_head
+    temperature = fit_temperature(head_logits(fitted_by, x_validation), y_validation)
     record: dict[str, Any] = {
         "method": METHOD,
         "temperature": round(temperature, 6),
-        "fitted_on": "validation",
+        "fitted_on": "validation" if held_out_head is None
+        else "validation, on the train-only selection fit's logits",
         "fitted_examples": len(y_validation),
         "ece_bins": ECE_BINS,
     }
     for name, (x, y) in judged.items():
-        logits = head_logits(head, x)
+        logits = head_logits(fitted_by if name == "validation" else head, x)
         before, after = softmax(logits), softmax(logits, temperature)
         record[name] = {
             "examples": len(y),

@@ -595,6 +595,7 @@ def register_version(
     calibration = calibrate_head(
         fitted.head, embeddings["validation"], data.y("validation"),
         {name: (embeddings[name], data.y(name)) for name in ("validation", "test")},
+        held_out_head=fitted.selection_head,
     )
     head = calibration.head
     with registry.stage() as staged:
