@@ -144,4 +144,8 @@ def test_v2_infer_any_framing(server, header, tail, length, encoding):
     if encoding is not None:
         headers["content-encoding"] = encoding
     with httpx.Client(base_url=server.url, timeout=60) as client:
-        check(client.post(V2_INFER, content=head + tail, headers=headers))
+        try:
+            answer = client.post(V2_INFER, content=head + tail, headers=headers)
+        except httpx.LocalProtocolError:
+            return  # the client refused to send it (e.g. a header value of blanks)
+        check(answer)

@@ -622,13 +622,16 @@ def register_version(
 
         reporter.phase("evaluating", f"{len(splits.test)} held-out examples")
         metrics: dict[str, Any] = {}
-        probabilities: dict[str, np.ndarray] = {}
+        # What the served model answers on the held-out splits: the int8 model is compared with
+        # it, and the drift reference is made of it. Validation *metrics* come from a head that
+        # never trained on the validation split (the selection fit, when the served head was
+        # refitted on train + validation).
+        probabilities = {name: head_probabilities(head, embeddings[name])
+                         for name in ("validation", "test")}
         scored_by = {"validation": fitted.validation_head, "test": head}
         for name in ("validation", "test"):
-            probabilities[name] = head_probabilities(scored_by[name], embeddings[name])
-            metrics[name] = classification_report(
-                data.y(name), probabilities[name].argmax(axis=1), labels
-            )
+            predicted = head_probabilities(scored_by[name], embeddings[name]).argmax(axis=1)
+            metrics[name] = classification_report(data.y(name), predicted, labels)
         reporter.phase("quantizing", "int8 model")
         int8_gate = int8_gate or Int8Gate()
         staged_manifest = {"version": "staged", "labels": labels,
