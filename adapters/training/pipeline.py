@@ -630,8 +630,9 @@ def register_version(
                          for name in ("validation", "test")}
         scored_by = {"validation": fitted.validation_head, "test": head}
         for name in ("validation", "test"):
-            predicted = head_probabilities(scored_by[name], embeddings[name]).argmax(axis=1)
-            metrics[name] = classification_report(data.y(name), predicted, labels)
+            scored = (probabilities[name] if scored_by[name] is head
+                      else head_probabilities(scored_by[name], embeddings[name]))
+            metrics[name] = classification_report(data.y(name), scored.argmax(axis=1), labels)
         reporter.phase("quantizing", "int8 model")
         int8_gate = int8_gate or Int8Gate()
         staged_manifest = {"version": "staged", "labels": labels,
