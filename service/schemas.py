@@ -176,13 +176,20 @@ class FeedbackResponse(BaseModel):
         )
 
 
+_YEAR = r"[1-9][0-9]{3}"
+_LEAP_YEAR = r"([1-9][0-9](0[48]|[2468][048]|[13579][26])|([2468][048]|[13579][26])00)"
+_DATE = (
+    rf"({_YEAR}-((0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])|(0[13-9]|1[0-2])-(29|30)"
+    rf"|(0[13578]|1[02])-31)|{_LEAP_YEAR}-02-29)"
+)
 SINCE_PATTERN = (
-    r"^([0-9]{1,12}(\.[0-9]{1,9})?|[1-9][0-9]{3}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9])"
+    rf"^([0-9]{{1,12}}(\.[0-9]{{1,9}})?|{_DATE}"
     r"(T([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\.[0-9]{1,6})?)?"
     r"(Z|[+-](0[0-9]|1[0-3]):[0-5][0-9])?)?)$"
 )
-"""Unix seconds, or an ISO 8601 date or time (days 01-29 here, so every match is a real day;
-any real time parses too, as the validator reads ISO 8601 itself)."""
+"""Unix seconds, or an ISO 8601 date or time. The pattern matches exactly the real calendar
+days (the 30th, the 31st and 29 February of leap years included), so every string it lets
+through parses, and every real date gets through."""
 
 
 class FeedbackListQuery(_Request):

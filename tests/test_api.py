@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import re
+from datetime import UTC, date, datetime
+
 import pytest
 from openapi_spec_validator import validate
+from pydantic import ValidationError
 
 from service.app import api_document, create_app, operations
 from service.schemas import (
+    SINCE_PATTERN,
     ErrorResponse,
+    FeedbackListQuery,
     FeedbackResponse,
     ModelsResponse,
     PredictResponse,
@@ -226,3 +232,23 @@ def test_unset_roles_refuse_clients_from_other_machines(data_plane, plane_settin
         assert answer.status_code == 403 and "REFIT_FEEDBACK_KEY" in answer.json()["error"]
         assert remote.post("/retrain", json={}).status_code == 403
         assert remote.post("/predict", json={"texts": ["hello"]}).status_code == 200
+
+
+def test_since_accepts_every_real_calendar_day_and_no_other():
+    # Every day of a leap year, a common year and the century years, at any date the suite runs.
+    pattern = re.compile(SINCE_PATTERN)
+    for year in (1900, 2000, 2026, 2028, 2100):
+        for month in range(1, 13):
+            for day in range(1, 32):
+                text = f"{year}-{month:02d}-{day:02d}"
+                try:
+                    real = date(year, month, day) is not None
+                except ValueError:
+                    real = False
+                assert bool(pattern.match(text)) is real, text
+                assert bool(pattern.match(f"{text}T23:59:59+01:00")) is real, text
+                if real:
+                    query = FeedbackListQuery(since=f"{text}T12:00:00Z").to_query()
+                    assert query.since == datetime(year, month, day, 12, tzinfo=UTC).timestamp()
+    with pytest.raises(ValidationError, match="since"):
+        FeedbackListQuery(since="2026-11-31")

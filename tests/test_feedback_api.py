@@ -82,6 +82,7 @@ def test_list_filters_and_pages(client):
     [
         ({"limit": 0}, "limit"), ({"limit": 1001}, "limit"), ({"limit": "x"}, "limit"),
         ({"source": "email"}, "source"), ({"since": "yesterday"}, "since"),
+        ({"since": "2026-11-31"}, "since"), ({"since": "2026-02-29T00:00:00Z"}, "since"),
         ({"cursor": "-1"}, "cursor"), ({"colour": "red"}, "colour"),
     ],
 )
