@@ -35,7 +35,7 @@ from adapters.serving.evaluation import classification_report
 from adapters.serving.registry import ModelRegistry, ModelVersion, utc_now
 from adapters.serving.tokenization import DEFAULT_MAX_SEQ_LENGTH, TextTokenizer
 from adapters.serving.variants import INT8_FILE, Int8Gate
-from adapters.training.calibration import calibrate_head
+from adapters.training.calibration import calibrate_head, fold_temperature
 from adapters.training.encoder import (
     ENCODER_NAME,
     ENCODER_PACKAGE,
@@ -623,16 +623,22 @@ def register_version(
         reporter.phase("evaluating", f"{len(splits.test)} held-out examples")
         metrics: dict[str, Any] = {}
         # What the served model answers on the held-out splits: the int8 model is compared with
-        # it, and the drift reference is made of it. Validation *metrics* come from a head that
-        # never trained on the validation split (the selection fit, when the served head was
-        # refitted on train + validation).
+        # it.
         probabilities = {name: head_probabilities(head, embeddings[name])
                          for name in ("validation", "test")}
-        scored_by = {"validation": fitted.validation_head, "test": head}
+        # What a model that never saw each split answers on it, calibrated as the served head
+        # is: the validation metrics and the drift reference are made of it (the served head is
+        # over-confident on the validation split it was refitted on).
+        unseen = dict(probabilities)
+        if fitted.selection_head is not None:
+            unseen["validation"] = head_probabilities(
+                fold_temperature(fitted.selection_head, calibration.temperature),
+                embeddings["validation"],
+            )
         for name in ("validation", "test"):
-            scored = (probabilities[name] if scored_by[name] is head
-                      else head_probabilities(scored_by[name], embeddings[name]))
-            metrics[name] = classification_report(data.y(name), scored.argmax(axis=1), labels)
+            metrics[name] = classification_report(
+                data.y(name), unseen[name].argmax(axis=1), labels
+            )
         reporter.phase("quantizing", "int8 model")
         int8_gate = int8_gate or Int8Gate()
         staged_manifest = {"version": "staged", "labels": labels,
@@ -658,7 +664,7 @@ def register_version(
             (data_dir / f"{name}.jsonl").write_text(part.to_jsonl())
         halves = {name: embeddings[name].astype(np.float16) for name, _ in splits.items()}
         np.savez(data_dir / "embeddings.npz", **halves)  # type: ignore[arg-type]
-        _write_reference(staged.path / "reference.npz", splits, embeddings, probabilities)
+        _write_reference(staged.path / "reference.npz", splits, embeddings, unseen)
 
         encoder_folder = packaged_encoder_dir()
         package_hash = encoder_content_hash(encoder_folder)
