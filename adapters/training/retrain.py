@@ -21,6 +21,9 @@ The job is a short sequence of steps (:func:`run_job`):
    from the champion's chosen configuration (or a new search, with ``search: "grid"``), with class
    weighting chosen on validation, warm-started from the champion's head, then fitted once more
    on train + validation for the head it serves (the gate's held-out items are never trained on).
+   Meanwhile, head-only, the champion's int8 model runs over the test texts in a thread: the
+   challenger's int8 model is that encoder with the new head, and its check needs those
+   embeddings (:class:`~adapters.training.quantize.BackgroundEncoding`).
 5. **Gate**: champion and challenger are judged on the same held-out items
    (:mod:`adapters.training.gate`).
 6. **Register** the version, either way, with the gate's decision in its manifest.
