@@ -129,7 +129,7 @@ def test_without_a_wait_a_closed_loop_splits_into_alternating_small_batches():
 def test_under_load_a_free_thread_waits_briefly_for_the_clients_of_the_last_batch():
     recorder = Recorder(delay=0.02)
     batcher = AdaptiveBatcher(
-        recorder, max_batch_size=64, max_queued=1000, max_wait_s=0.05, wait_share=1.0
+        recorder, max_batch_size=64, max_queued=1000, max_wait_s=0.2, wait_share=10.0
     )
     closed_loop(batcher, clients=8, rounds=6, think_s=0.003)
     sizes = [len(b) for b in recorder.batches]
