@@ -53,18 +53,19 @@ def _fit_linear_with_torch_optim(
     validate: Callable[[int, float], EpochReport],
     started: float,
 ) -> TrainedHead:
-    """The linear head's fit as it was before lbfgs.py (torch.optim.LBFGS), kept as the
+    """The linear head's fit with torch.optim.LBFGS (float64, blocks of LBFGS_BLOCK iterations
+    and twice as many evaluations, converged when the gradient is below tolerance), kept as the
     reference the new one must reproduce."""
     linear = cast(nn.Linear, head.net[-1])
     with torch.no_grad():
-        x = (xt - head.center) / head.scale
-    w_example = weight[yt]
+        x = ((xt - head.center) / head.scale).double()
+    w_example = weight[yt].double()
     n = len(yt)
     penalty = 1.0 / (2.0 * config.c * n)
-    coef = linear.weight.detach().clone().requires_grad_(True)
-    bias = linear.bias.detach().clone().requires_grad_(True)
+    coef = linear.weight.detach().double().clone().requires_grad_(True)
+    bias = linear.bias.detach().double().clone().requires_grad_(True)
     optimiser = torch.optim.LBFGS(
-        [coef, bias], lr=1.0, max_iter=LBFGS_BLOCK, history_size=20,
+        [coef, bias], lr=1.0, max_iter=LBFGS_BLOCK, max_eval=2 * LBFGS_BLOCK, history_size=20,
         tolerance_grad=LBFGS_TOLERANCE, tolerance_change=1e-12, line_search_fn="strong_wolfe",
     )
 
@@ -87,10 +88,13 @@ def _fit_linear_with_torch_optim(
             linear.weight.copy_(coef)
             linear.bias.copy_(bias)
         history.append(validate(block, loss))
+        reached = float(objective().detach())  # and the gradient at the point reached
         coef_grad, bias_grad = cast(torch.Tensor, coef.grad), cast(torch.Tensor, bias.grad)
         gradient = max(float(coef_grad.abs().max()), float(bias_grad.abs().max()))
-        if ran < LBFGS_BLOCK or gradient <= LBFGS_TOLERANCE:
-            converged = gradient <= LBFGS_TOLERANCE or ran < LBFGS_BLOCK
+        if gradient <= LBFGS_TOLERANCE:
+            converged = True
+            break
+        if ran == 0 or loss - reached <= 1e-12 * abs(loss):
             break
     head.eval()
     last = history[-1]

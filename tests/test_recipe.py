@@ -80,6 +80,35 @@ def test_linear_head_converges_to_the_logistic_regression_optimum():
         assert trained.val_accuracy == pytest.approx(reference.score(xv, yv), abs=1 / len(yv))
 
 
+def test_linear_head_converges_where_a_block_runs_out_of_line_search_evaluations():
+    """Many classes on unit-norm inputs (like sentence embeddings): from zero the first L-BFGS
+    steps need several line-search evaluations each, so the first block of iterations ends early
+    on its evaluation budget. That is not convergence: the fit must go on to the optimum (it used
+    to stop there, about 22 iterations in, and call itself converged)."""
+    from sklearn.linear_model import LogisticRegression
+
+    def sphere(per: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        centres = np.random.default_rng(123).normal(size=(64, 128))
+        y = np.repeat(np.arange(64), per)
+        x = centres[y] + np.random.default_rng(seed).normal(scale=3.0, size=(len(y), 128))
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), y
+
+    x, y = sphere(15, 0)
+    xv, yv = sphere(5, 1)
+    c = 10.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = LogisticRegression(C=c, tol=1e-10, max_iter=10_000).fit(x, y)
+    trained = train_head(x, y, xv, yv, 64, HeadConfig(c=c), seed=0)
+    assert trained.converged
+    linear = trained.head.net[-1]
+    weights = linear.weight.detach().double().numpy()
+    bias = linear.bias.detach().double().numpy() - weights @ trained.head.center.double().numpy()
+    ours = objective(weights, bias, x, y, c)
+    theirs = objective(reference.coef_, reference.intercept_, x, y, c)
+    assert ours <= theirs * (1 + 1e-6), (ours, theirs, trained.epochs_run)
+
+
 def test_class_weights_follow_the_power_and_keep_the_total():
     y = np.array([0] * 90 + [1] * 10)
     for power, ratio in ((0.0, 1.0), (0.5, 3.0), (1.0, 9.0)):

@@ -190,6 +190,20 @@ class Lbfgs:
     _h_diag: Scalar = 1
     _prev_flat_grad: torch.Tensor | None = None
 
+    @property
+    def loss(self) -> float:
+        """The objective at the point reached (evaluated there by the last run)."""
+        if self._loss is None:
+            raise RuntimeError("no run yet")
+        return self._loss
+
+    @property
+    def gradient_max(self) -> float:
+        """The largest absolute entry of the gradient at the point reached."""
+        if self._flat_grad is None:
+            raise RuntimeError("no run yet")
+        return float(self._flat_grad.abs().max())
+
     def _gather_flat_grad(self) -> torch.Tensor:
         views = [p.new(p.numel()).zero_() if p.grad is None else p.grad.view(-1)
                  for p in self.params]
@@ -218,10 +232,14 @@ class Lbfgs:
         return loss, flat_grad
 
     @torch.no_grad()
-    def run(self, max_iter: int) -> tuple[float, int]:  # noqa: C901, PLR0912 - as the original
-        """Up to ``max_iter`` iterations (one ``torch.optim.LBFGS.step`` with that ``max_iter``);
-        returns the objective where the call started and the iterations run."""
-        max_eval = max_iter * 5 // 4
+    def run(  # noqa: C901, PLR0912 - as the original
+        self, max_iter: int, max_eval: int | None = None
+    ) -> tuple[float, int]:
+        """Up to ``max_iter`` iterations and ``max_eval`` evaluations of the objective (one
+        ``torch.optim.LBFGS.step`` with those; ``max_eval`` defaults to ``max_iter * 5 // 4`` as
+        there); returns the objective where the call started and the iterations run."""
+        if max_eval is None:
+            max_eval = max_iter * 5 // 4
         if self._loss is None or self._flat_grad is None:
             self._loss, self._flat_grad = self._evaluate()
         # The point was evaluated already (``step`` would evaluate it again): it still counts as
