@@ -1,17 +1,20 @@
 """Learning from a stream: a labelled data set replayed as traffic, with feedback, memory, retrains.
 
 This is an in-process simulation of the service's loop (predict, take feedback, retrain, promote),
-the honest test of "learns in production" (issue 9). Real code: the head is trained by the
-functions the retrain job and ``refit train`` use (``adapters.training.search.search_head`` for
-the first version's configuration, ``adapters.training.head.train_head`` for every head), the
-feedback memory is ``adapters.serving.memory`` (lookup, leave-one-out calibration, pruning after
-a promotion). Simulated: the traffic (the data set, replayed), the users' feedback (a fraction of
-the predictions, a few of them wrongly labelled), and the retrain job's data recipe, rebuilt here
-from ``adapters/training/retrain.py``: replay of up to 5000 rows of the champion's training data
-plus all feedback so far, less a held-out fifth (by a hash of the feedback id), 15% of the rest
-for validation, warm start from the champion's head, new labels grow the head. Not simulated: the
-gate (every retrain is promoted), the encoder (embeddings come from bench/datasets.py's cache,
-the same frozen encoder), time (a retrain takes effect at the next chunk).
+the honest test of "learns in production" (issue 9). Real code: every head is fitted by
+``adapters.training.pipeline.fit_head``, the one path ``refit train`` and the retrain job use (the
+first version with ``refit train``'s recipe, every retrain with the retrain job's: the champion's
+configuration, class weighting chosen on validation, warm start, large batches, final fit on train
++ validation), on the retrain job's split (``holdout_mask`` and the constants of
+``adapters/training/retrain.py``: a held-out fifth of the feedback per label, 15% of the rest for
+validation, a replay of up to 5000 rows of the champion's training data); the feedback memory is
+built by ``adapters.serving.memory.rebuilt_memory`` exactly as ``service/memory.py`` builds it
+(calibrated on the feedback the served head never trained on, labels a retrain added kept
+memory-served while the memory answers them better). Simulated: the traffic (the data set,
+replayed) and the users' feedback (a fraction of the predictions, a few of them wrongly
+labelled). Not simulated: the gate (every retrain is promoted), the encoder (embeddings come from
+bench/datasets.py's cache, the same frozen encoder), time (a retrain takes effect at the next
+chunk; the memory is rebuilt at every chunk, where the service rebuilds after every 20 changes).
 
 The stream. From a data set's labels, ``--new-labels`` are drawn (seeded) that the first model
 never sees. The traffic is the test split of the other labels, spread over all chunks, plus the
@@ -24,21 +27,20 @@ arrived and serves from the next chunk on.
 
 Four ways of serving the same stream:
 - never: the first model, never adapted;
-- memory: the first model, with the feedback memory (all feedback, thresholds and the prototype
-  rule's margin recalibrated at every chunk on all feedback by leave-one-out; the model's class
-  prototypes from its training data, as the service reads them from the version folder);
+- memory: the first model, with the feedback memory (rebuilt at every chunk from all feedback);
 - retrain: every retrain promoted, no memory;
-- both: retrains and the memory; after each promotion the memory keeps only the entries the new
-  head gets wrong, and is calibrated on the feedback the serving head never trained on.
+- both: retrains and the memory, rebuilt for the serving version at every chunk.
 
 A fifth, not plotted: ``memory-nearest``, the memory arm without the prototype rule (the nearest
 entry alone decides), for comparison.
 
-    .venv/bin/python bench/stream.py [--datasets hwu64 banking77] [--search grid|none]
+    .venv/bin/python bench/stream.py [--datasets hwu64 banking77] [--search grid|none] [--seed N]
+                                     [--arms never memory ...]
 
 Writes bench/figures/stream-<dataset>.png, bench/results/stream-<dataset>.json (other seeds and
-``--search none``: stream-<dataset>-seed<N>-<search>.*), and prints the markdown tables that
-BENCHMARKS.md carries.
+``--search none``: stream-<dataset>-seed<N>-<search>.*; a run of fewer ``--arms``: its result
+only), and prints the markdown tables that BENCHMARKS.md carries and each run against the
+issue's target.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ from adapters.serving.memory import (
 )
 from bench.common import ROOT, save
 from bench.datasets import Benchmark, load
+from refit.settings import RefitSettings
 
 FIGURES = ROOT / "bench" / "figures"
 ARMS = ("never", "memory", "retrain", "both")
@@ -70,12 +73,9 @@ NEAREST_ARM = "memory-nearest"
 """Not plotted: the memory arm without the prototype rule (the nearest entry alone decides)."""
 ALL_ARMS = (*ARMS, NEAREST_ARM)
 TARGET_RECALL = 0.6
-# What adapters/training/retrain.py does (settings defaults and module constants).
-REPLAY_ROWS = 5000
-HOLDOUT_FRACTION = 0.2
-LARGE_BATCH = 512
-LARGE_BATCH_FROM = 4096
-WARM_PATIENCE = 8
+# The retrain job's settings, at their defaults.
+REPLAY_ROWS = int(RefitSettings.model_fields["retrain_replay_rows"].default)
+HOLDOUT_FRACTION = float(RefitSettings.model_fields["retrain_holdout_fraction"].default)
 
 
 @dataclass(frozen=True)
