@@ -272,11 +272,13 @@ class FeedbackMemoryKeeper:
         )
         self.follower.replace(memory, cursor)
         self._encoder_id = model.encoder_id
-        self._built_for = model
+        # What describes the build first, the version it was built for last: a reader that sees
+        # the new version (GET /memory, a test waiting for the rebuild) sees its calibration.
         self._built_at = time.time()
         self._rebuild_seconds = time.perf_counter() - started
         self._feedback_items = len(items)
         self._calibration = calibration
+        self._built_for = model
         self._changes_since_build = max(0, self._changes_since_build - counted)
         self._last_error = None
         metrics().memory_entries.set(len(memory))
