@@ -1,17 +1,20 @@
 """Learning from a stream: a labelled data set replayed as traffic, with feedback, memory, retrains.
 
 This is an in-process simulation of the service's loop (predict, take feedback, retrain, promote),
-the honest test of "learns in production" (issue 9). Real code: the head is trained by the
-functions the retrain job and ``refit train`` use (``adapters.training.search.search_head`` for
-the first version's configuration, ``adapters.training.head.train_head`` for every head), the
-feedback memory is ``adapters.serving.memory`` (lookup, leave-one-out calibration, pruning after
-a promotion). Simulated: the traffic (the data set, replayed), the users' feedback (a fraction of
-the predictions, a few of them wrongly labelled), and the retrain job's data recipe, rebuilt here
-from ``adapters/training/retrain.py``: replay of up to 5000 rows of the champion's training data
-plus all feedback so far, less a held-out fifth (by a hash of the feedback id), 15% of the rest
-for validation, warm start from the champion's head, new labels grow the head. Not simulated: the
-gate (every retrain is promoted), the encoder (embeddings come from bench/datasets.py's cache,
-the same frozen encoder), time (a retrain takes effect at the next chunk).
+the honest test of "learns in production" (issue 9). Real code: every head is fitted by
+``adapters.training.pipeline.fit_head``, the one path ``refit train`` and the retrain job use (the
+first version with ``refit train``'s recipe, every retrain with the retrain job's: the champion's
+configuration, class weighting chosen on validation, warm start, large batches, final fit on train
++ validation), on the retrain job's split (``holdout_mask`` and the constants of
+``adapters/training/retrain.py``: a held-out fifth of the feedback per label, 15% of the rest for
+validation, a replay of up to 5000 rows of the champion's training data); the feedback memory is
+built by ``adapters.serving.memory.rebuilt_memory`` exactly as ``service/memory.py`` builds it
+(calibrated on the feedback the served head never trained on, labels a retrain added kept
+memory-served while the memory answers them better). Simulated: the traffic (the data set,
+replayed) and the users' feedback (a fraction of the predictions, a few of them wrongly
+labelled). Not simulated: the gate (every retrain is promoted), the encoder (embeddings come from
+bench/datasets.py's cache, the same frozen encoder), time (a retrain takes effect at the next
+chunk; the memory is rebuilt at every chunk, where the service rebuilds after every 20 changes).
 
 The stream. From a data set's labels, ``--new-labels`` are drawn (seeded) that the first model
 never sees. The traffic is the test split of the other labels, spread over all chunks, plus the
@@ -24,27 +27,25 @@ arrived and serves from the next chunk on.
 
 Four ways of serving the same stream:
 - never: the first model, never adapted;
-- memory: the first model, with the feedback memory (all feedback, thresholds and the prototype
-  rule's margin recalibrated at every chunk on all feedback by leave-one-out; the model's class
-  prototypes from its training data, as the service reads them from the version folder);
+- memory: the first model, with the feedback memory (rebuilt at every chunk from all feedback);
 - retrain: every retrain promoted, no memory;
-- both: retrains and the memory; after each promotion the memory keeps only the entries the new
-  head gets wrong, and is calibrated on the feedback the serving head never trained on.
+- both: retrains and the memory, rebuilt for the serving version at every chunk.
 
 A fifth, not plotted: ``memory-nearest``, the memory arm without the prototype rule (the nearest
 entry alone decides), for comparison.
 
-    .venv/bin/python bench/stream.py [--datasets hwu64 banking77] [--search grid|none]
+    .venv/bin/python bench/stream.py [--datasets hwu64 banking77] [--search grid|none] [--seed N]
+                                     [--arms never memory ...]
 
 Writes bench/figures/stream-<dataset>.png, bench/results/stream-<dataset>.json (other seeds and
-``--search none``: stream-<dataset>-seed<N>-<search>.*), and prints the markdown tables that
-BENCHMARKS.md carries.
+``--search none``: stream-<dataset>-seed<N>-<search>.*; a run of fewer ``--arms``: its result
+only), and prints the markdown tables that BENCHMARKS.md carries and each run against the
+issue's target.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -59,12 +60,12 @@ from adapters.serving.data import stratified_indices
 from adapters.serving.memory import (
     Calibration,
     FeedbackMemory,
-    calibrate_threshold,
-    class_prototypes,
-    prune_to_mistakes,
+    class_means,
+    rebuilt_memory,
 )
 from bench.common import ROOT, save
 from bench.datasets import Benchmark, load
+from refit.settings import RefitSettings
 
 FIGURES = ROOT / "bench" / "figures"
 ARMS = ("never", "memory", "retrain", "both")
@@ -72,12 +73,9 @@ NEAREST_ARM = "memory-nearest"
 """Not plotted: the memory arm without the prototype rule (the nearest entry alone decides)."""
 ALL_ARMS = (*ARMS, NEAREST_ARM)
 TARGET_RECALL = 0.6
-# What adapters/training/retrain.py does (settings defaults and module constants).
-REPLAY_ROWS = 5000
-HOLDOUT_FRACTION = 0.2
-LARGE_BATCH = 512
-LARGE_BATCH_FROM = 4096
-WARM_PATIENCE = 8
+# The retrain job's settings, at their defaults.
+REPLAY_ROWS = int(RefitSettings.model_fields["retrain_replay_rows"].default)
+HOLDOUT_FRACTION = float(RefitSettings.model_fields["retrain_holdout_fraction"].default)
 
 
 @dataclass(frozen=True)
@@ -102,8 +100,10 @@ class Version:
     labels: list[str]
     config: Any
     x_train: np.ndarray
+    t_train: list[str]
     y_train: list[str]
     x_val: np.ndarray
+    t_val: list[str]
     y_val: list[str]
     trained_on: set[int] = field(default_factory=set)
     """Feedback ids in its training or validation data (directly, or through replay)."""
@@ -114,7 +114,7 @@ class Version:
         """Its class prototypes from its training data (what the service reads from the version
         folder for the memory's prototype rule)."""
         if self._prototypes is None:
-            self._prototypes = class_prototypes(self.x_train, self.y_train, self.labels)
+            self._prototypes = class_means(self.x_train, self.y_train, self.labels)
         return self._prototypes
 
     def predict(self, x: np.ndarray) -> np.ndarray:
@@ -130,83 +130,118 @@ def encode(labels: list[str], names: list[str]) -> np.ndarray:
     return np.array([index[label] for label in labels])
 
 
+def _fit(data: Any, recipe: Any) -> Any:
+    """``adapters.training.pipeline.fit_head``: the one way ``refit train`` and the retrain job
+    fit a head (search, class weighting, warm start, final fit on train + validation)."""
+    from adapters.serving.tokenization import TextTokenizer
+    from adapters.training.encoder import packaged_encoder_dir
+    from adapters.training.pipeline import EncoderSource, SilentReporter, fit_head
+
+    # Head-only: the encoder is frozen and its embeddings come from the cache; the tokenizer is
+    # only read by encoder fine-tuning, which the stream does not do.
+    source = EncoderSource(
+        tokenizer=TextTokenizer(packaged_encoder_dir() / "tokenizer.json"), encoder=None
+    )
+    return fit_head(data, recipe, source, SilentReporter())
+
+
+def _splits(
+    train: tuple[np.ndarray, list[str], list[str]],
+    validation: tuple[np.ndarray, list[str], list[str]],
+    labels: list[str],
+) -> Any:
+    """``EmbeddedSplits`` from (embeddings, texts, labels) of train and validation (no test:
+    the gate is not simulated)."""
+    from adapters.serving.data import LabelledTexts
+    from adapters.training.pipeline import EmbeddedSplits, Splits
+
+    empty = LabelledTexts.of([], [])
+    return EmbeddedSplits(
+        labels,
+        Splits(LabelledTexts.of(train[1], train[2]), LabelledTexts.of(validation[1],
+               validation[2]), empty),
+        {"train": train[0], "validation": validation[0],
+         "test": np.zeros((0, train[0].shape[1]), np.float32)},
+    )
+
+
 def first_version(bench: Benchmark, old: list[str], options: StreamOptions) -> Version:
-    """``refit train`` on the old labels: search the head's configuration, then train it."""
-    from adapters.training.head import HeadConfig, train_head
-    from adapters.training.search import SearchOptions, search_head
+    """``refit train`` on the old labels: its head recipe (``TrainingOptions().head_recipe()``,
+    the search given by ``--search``) through ``fit_head``."""
+    from adapters.training.pipeline import TrainingOptions
+    from adapters.training.search import SearchOptions
 
     keep_t = np.array([label in set(old) for label in bench.train.labels])
     keep_v = np.array([label in set(old) for label in bench.validation.labels])
-    x_train, y_train = bench.x_train[keep_t], list(np.array(bench.train.labels)[keep_t])
-    x_val, y_val = bench.x_validation[keep_v], list(np.array(bench.validation.labels)[keep_v])
-    yt, yv = encode(y_train, old), encode(y_val, old)
-    config = HeadConfig()
-    if options.search != "none":
-        config = search_head(
-            x_train, yt, x_val, yv, len(old), config, SearchOptions(options.search), options.seed
-        ).best
-    trained = train_head(x_train, yt, x_val, yv, len(old), config, options.seed)
-    return Version("v1", trained.head, list(old), config, x_train, y_train, x_val, y_val)
-
-
-def holdout_mask(ids: list[int], labels: list[str], fraction: float) -> np.ndarray:
-    """The retrain job's held-out feedback.
-
-    Per label, the ``fraction`` with the smallest id hash.
-    """
-    mask = np.zeros(len(ids), dtype=bool)
-    by_label: dict[str, list[int]] = {}
-    for position, label in enumerate(labels):
-        by_label.setdefault(label, []).append(position)
-    for members in by_label.values():
-        if len(members) < 2:
-            continue
-        ranked = sorted(members, key=lambda p: hashlib.sha256(str(ids[p]).encode()).digest())
-        count = min(len(members) - 1, max(1, round(len(members) * fraction)))
-        mask[ranked[:count]] = True
-    return mask
+    train = (bench.x_train[keep_t], list(np.array(bench.train.texts, dtype=object)[keep_t]),
+             list(np.array(bench.train.labels)[keep_t]))
+    val = (bench.x_validation[keep_v],
+           list(np.array(bench.validation.texts, dtype=object)[keep_v]),
+           list(np.array(bench.validation.labels)[keep_v]))
+    recipe = TrainingOptions(
+        seed=options.seed, search=SearchOptions(options.search)  # type: ignore[arg-type]
+    ).head_recipe()
+    fitted = _fit(_splits(train, val, list(old)), recipe)
+    return Version("v1", fitted.head, list(old), fitted.config, *train, *val)
 
 
 def retrain(
-    champion: Version, ids: list[int], x: np.ndarray, labels: list[str], name: str, seed: int
+    champion: Version, ids: list[int], x: np.ndarray, texts: list[str], labels: list[str],
+    name: str, seed: int,
 ) -> tuple[Version, dict[str, Any]]:
-    """The retrain job's recipe on all feedback so far (see adapters/training/retrain.py)."""
-    from adapters.training.head import train_head
+    """The retrain job on all feedback so far: its data split (``split_data`` in
+    adapters/training/retrain.py, with the same held-out rule and constants) and its recipe
+    (``retrain_recipe``: the champion's configuration, class weighting chosen on validation,
+    warm start, large batches) through ``fit_head``."""
+    from adapters.training.pipeline import HeadRecipe, WarmStart
+    from adapters.training.retrain import (
+        FEEDBACK_VALIDATION_FRACTION,
+        LARGE_BATCH_FROM,
+        WARM_PATIENCE,
+        holdout_mask,
+    )
+    from adapters.training.search import SearchOptions
 
     names = sorted(set(champion.labels) | set(labels))
     held = holdout_mask(ids, labels, HOLDOUT_FRACTION)
     fb_train = np.flatnonzero(~held)
-    fit_idx, val_idx = stratified_indices([labels[p] for p in fb_train], 0.15, seed)
+    fit_idx, val_idx = stratified_indices(
+        [labels[p] for p in fb_train], FEEDBACK_VALIDATION_FRACTION, seed
+    )
     fb_fit, fb_val = fb_train[fit_idx], fb_train[val_idx]
     rng = np.random.default_rng(seed)
     replay_n = min(REPLAY_ROWS, len(champion.y_train))
     replay = np.sort(rng.choice(len(champion.y_train), replay_n, replace=False))
-    x_train = np.concatenate([champion.x_train[replay], x[fb_fit]])
-    y_train = [champion.y_train[i] for i in replay] + [labels[p] for p in fb_fit]
-    x_val = np.concatenate([champion.x_val, x[fb_val]])
-    y_val = champion.y_val + [labels[p] for p in fb_val]
-    config = champion.config
-    if len(y_train) >= LARGE_BATCH_FROM:
-        scale = (LARGE_BATCH / config.batch_size) ** 0.5
-        config = config.with_overrides(
-            batch_size=LARGE_BATCH, learning_rate=config.learning_rate * scale
-        )
+    train = (np.concatenate([champion.x_train[replay], x[fb_fit]]),
+             [champion.t_train[i] for i in replay] + [texts[p] for p in fb_fit],
+             [champion.y_train[i] for i in replay] + [labels[p] for p in fb_fit])
+    val = (np.concatenate([champion.x_val, x[fb_val]]),
+           champion.t_val + [texts[p] for p in fb_val],
+           champion.y_val + [labels[p] for p in fb_val])
     index = {label: i for i, label in enumerate(names)}
-    warm_start = (champion.head, [index[label] for label in champion.labels])
-    config = config.with_overrides(patience=min(config.patience, WARM_PATIENCE))
-    started = time.perf_counter()
-    trained = train_head(
-        x_train, encode(y_train, names), x_val, encode(y_val, names), len(names), config, seed,
-        warm_start=warm_start,
+    recipe = HeadRecipe(
+        config=champion.config,
+        search=SearchOptions(strategy="none"),
+        seed=seed,
+        warm_start=WarmStart(
+            head=champion.head, hidden_size=champion.config.hidden_size,
+            class_map=[index[label] for label in champion.labels], version=champion.name,
+            patience=WARM_PATIENCE,
+        ),
+        large_batch_from=LARGE_BATCH_FROM,
+        choose_class_weighting=True,
     )
+    started = time.perf_counter()
+    fitted = _fit(_splits(train, val, names), recipe)
     version = Version(
-        name, trained.head, names, champion.config, x_train, y_train, x_val, y_val,
+        name, fitted.head, names, fitted.config, *train, *val,
         trained_on=champion.trained_on | {ids[p] for p in fb_train},
     )
     record = {
         "version": name, "feedback": len(ids), "held_out": int(held.sum()),
-        "labels": len(names), "train_rows": len(y_train),
-        "best_epoch": trained.best_epoch, "seconds": round(time.perf_counter() - started, 2),
+        "labels": len(names), "train_rows": len(train[2]),
+        "class_weight_power": fitted.config.class_weight_power,
+        "steps": fitted.trained.epochs_run, "seconds": round(time.perf_counter() - started, 2),
     }
     return version, record
 
@@ -216,6 +251,7 @@ class Stream:
     """The traffic: embeddings and labels in arrival order, each row's chunk, the probe sets."""
 
     x: np.ndarray
+    texts: list[str]
     labels: list[str]
     chunk: np.ndarray
     new_labels: list[str]
@@ -234,44 +270,52 @@ def build_stream(bench: Benchmark, options: StreamOptions) -> Stream:
     test_labels = np.array(bench.test.labels)
     is_new_test = np.isin(test_labels, new)
     old_x, old_y = bench.x_test[~is_new_test], test_labels[~is_new_test]
+    old_t = np.array(bench.test.texts, dtype=object)[~is_new_test]
     pool_labels = np.array(list(bench.train.labels) + list(bench.validation.labels))
     pool_x = np.concatenate([bench.x_train, bench.x_validation])
     new_rows = np.flatnonzero(np.isin(pool_labels, new))
     new_x, new_y = pool_x[new_rows], pool_labels[new_rows]
+    pool_texts = np.array(list(bench.train.texts) + list(bench.validation.texts), dtype=object)
+    new_t = pool_texts[new_rows]
     # Old traffic fills every chunk evenly; new traffic the chunks from new_from_chunk on.
     old_chunk = rng.permutation(np.arange(len(old_y)) * options.chunks // len(old_y))
     span = options.chunks - options.new_from_chunk
     new_chunk = options.new_from_chunk + rng.permutation(np.arange(len(new_y)) * span // len(new_y))
     x = np.concatenate([old_x, new_x])
     labels = np.concatenate([old_y, new_y])
+    texts = np.concatenate([old_t, new_t])
     chunk = np.concatenate([old_chunk, new_chunk])
     order = np.lexsort((rng.random(len(chunk)), chunk))  # by chunk, shuffled within
     probes = {label: bench.x_test[test_labels == label] for label in new}
-    return Stream(x[order], labels[order].tolist(), chunk[order], new, old, probes)
+    return Stream(x[order], texts[order].tolist(), labels[order].tolist(), chunk[order], new, old,
+                  probes)
 
 
-def calibrated(
-    memory: FeedbackMemory, version: Version, x: np.ndarray, labels: list[str], ids: list[int],
+def rebuilt(
+    version: Version, first: Version, x: np.ndarray, labels: list[str], ids: list[int],
     prototype_rule: bool = True,
-) -> Calibration:
-    """Calibrate on the feedback the serving head never trained on (held out or newer).
+) -> tuple[FeedbackMemory, Calibration]:
+    """The memory the service builds for ``version`` from all feedback so far
+    (``rebuilt_memory``, as ``service/memory.py`` calls it): calibrated on the feedback the head
+    never trained on (held out or newer), with the labels retrains added (those ``first`` lacks)
+    kept memory-served while the memory answers them better than the head; entries of the other
+    labels kept only where the head is wrong.
 
     With ``prototype_rule``, the memory weighs labels the model does not know against the
     version's class prototypes (as the service does); without, only the nearest entry decides.
     """
-    unseen = [i for i, fid in enumerate(ids) if fid not in version.trained_on]
-    reference = version.prototypes if prototype_rule else None
-    calibration = calibrate_threshold(
-        x[unseen], [labels[i] for i in unseen], list(version.predict(x[unseen])), version.labels,
-        reference=reference,
+    unseen = np.array([fid not in version.trained_on for fid in ids], dtype=bool)
+    return rebuilt_memory(
+        ids, x, labels, list(version.predict(x)), version.labels,
+        reference=version.prototypes if prototype_rule else None,
+        learnt=set(version.labels) - set(first.labels), unseen=unseen,
     )
-    memory.set_thresholds(calibration)
-    memory.set_known_labels(version.labels)
-    memory.set_reference(reference)
-    return calibration
 
 
-def run(name: str, options: StreamOptions) -> dict[str, Any]:
+def run(name: str, options: StreamOptions, arms: tuple[str, ...] = ALL_ARMS) -> dict[str, Any]:
+    """Replay ``name`` as a stream; ``arms`` (always with ``never``): the ways of serving it to
+    run (fewer is quicker: without ``retrain`` and ``both``, nothing is retrained)."""
+    arms = tuple(arm for arm in ALL_ARMS if arm in set(arms) | {"never"})
     bench = load(name)
     stream = build_stream(bench, options)
     rng = np.random.default_rng(options.seed + 1)
@@ -281,13 +325,12 @@ def run(name: str, options: StreamOptions) -> dict[str, Any]:
           f"first version in {time.perf_counter() - started:.0f}s", flush=True)
     versions = {"never": v1, "memory": v1, "retrain": v1, "both": v1}
     memories = {
-        "memory": FeedbackMemory(known_labels=v1.labels),
-        "both": FeedbackMemory(known_labels=v1.labels),
-        NEAREST_ARM: FeedbackMemory(known_labels=v1.labels),
+        arm: FeedbackMemory(known_labels=v1.labels)
+        for arm in ("memory", "both", NEAREST_ARM) if arm in arms
     }
     n = len(stream.labels)
     truth = np.array(stream.labels, dtype=object)
-    correct = {arm: np.zeros(n, dtype=bool) for arm in ALL_ARMS}
+    correct = {arm: np.zeros(n, dtype=bool) for arm in arms}
     from_memory = {arm: np.zeros(n, dtype=bool) for arm in memories}
     fb_ids: list[int] = []
     fb_x_rows: list[int] = []
@@ -321,27 +364,23 @@ def run(name: str, options: StreamOptions) -> dict[str, Any]:
     for c in range(options.chunks):
         if pending is not None:  # the retrain finished: promote it from this chunk on
             versions["retrain"] = versions["both"] = pending
-            ids_now = memories["both"].ids
-            x_now = memories["both"].embeddings.copy()
-            removed = prune_to_mistakes(memories["both"], ids_now, list(pending.predict(x_now)))
-            retrains[-1].update(chunk=c, memory_pruned=removed,
-                                memory_left=len(memories["both"]))
+            retrains[-1].update(chunk=c)
             pending = None
-        if fb_ids:
+        if fb_ids:  # every worker rebuilds its memory (at a swap, and as feedback comes)
             fb_x = stream.x[fb_x_rows]
             record: dict[str, Any] = {"chunk": c}
-            for arm in ("memory", "both"):
-                cal = calibrated(memories[arm], versions[arm], fb_x, fb_labels, fb_ids)
-                record[arm] = cal.to_dict()
-            cal = calibrated(memories[NEAREST_ARM], versions["memory"], fb_x, fb_labels, fb_ids,
-                             prototype_rule=False)
-            record[NEAREST_ARM] = cal.to_dict()
+            for arm in memories:
+                memories[arm], cal = rebuilt(
+                    versions["memory" if arm == NEAREST_ARM else arm], v1, fb_x, fb_labels,
+                    fb_ids, prototype_rule=arm != NEAREST_ARM,
+                )
+                record[arm] = {**cal.to_dict(), "entries": len(memories[arm])}
             calibrations.append(record)
         rows = np.flatnonzero(stream.chunk == c)
         for start in range(0, len(rows), options.batch_size):
             batch = rows[start : start + options.batch_size]
             xb = stream.x[batch]
-            for arm in ALL_ARMS:
+            for arm in arms:
                 version = versions["memory" if arm == NEAREST_ARM else arm]
                 answer = version.predict(xb)
                 if arm in memories:
@@ -378,12 +417,14 @@ def run(name: str, options: StreamOptions) -> dict[str, Any]:
                 "chunk": c,
                 "predictions": int(batch[-1] + 1),
                 "seen": dict(label_seen), "feedback": dict(label_feedback),
-                "recall": {arm: probe_recall(arm) for arm in ALL_ARMS},
+                "recall": {arm: probe_recall(arm) for arm in arms},
             })
-            if since_retrain >= options.retrain_after and pending is None:
+            if (since_retrain >= options.retrain_after and pending is None
+                    and {"retrain", "both"} & set(arms)):
                 pending, info = retrain(
-                    versions["retrain"], fb_ids, stream.x[fb_x_rows], fb_labels,
-                    f"v{len(retrains) + 2}", options.seed,
+                    versions["retrain"], fb_ids, stream.x[fb_x_rows],
+                    [stream.texts[r] for r in fb_x_rows], fb_labels, f"v{len(retrains) + 2}",
+                    options.seed,
                 )
                 info["after_prediction"] = int(batch[-1] + 1)
                 retrains.append(info)
@@ -396,7 +437,7 @@ def run(name: str, options: StreamOptions) -> dict[str, Any]:
         in_chunk = stream.chunk == c
         entry: dict[str, Any] = {"chunk": c, "predictions": int(in_chunk.sum()),
                                  "new_label_share": round(float(is_new[in_chunk].mean()), 3)}
-        for arm in ALL_ARMS:
+        for arm in arms:
             entry[arm] = {
                 "accuracy": float(correct[arm][in_chunk].mean()),
                 "old": float(correct[arm][in_chunk & ~is_new].mean()),
@@ -412,10 +453,10 @@ def run(name: str, options: StreamOptions) -> dict[str, Any]:
             "answered_by_memory": float(from_memory[arm].mean()) if arm in from_memory else 0.0,
             "last_5_chunks": float(correct[arm][stream.chunk >= options.chunks - 5].mean()),
         }
-        for arm in ALL_ARMS
+        for arm in arms
     }
     reach = {}
-    for arm in ALL_ARMS:
+    for arm in arms:
         reach[arm] = {}
         for label in stream.new_labels:
             hit = next((t for t in timeline if t["recall"][arm][label] >= TARGET_RECALL), None)
@@ -426,6 +467,7 @@ def run(name: str, options: StreamOptions) -> dict[str, Any]:
     result = {
         "dataset": name,
         "options": asdict(options),
+        "arms": list(arms),
         "first_version_config": asdict(v1.config),
         "new_labels": stream.new_labels,
         "predictions": n,
@@ -442,6 +484,9 @@ def run(name: str, options: StreamOptions) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - started, 1),
     }
     stem = result_stem(name, options)
+    if set(arms) != set(ALL_ARMS):  # a partial run: no figure, and its own result file
+        save(f"{stem}-{'-'.join(arms)}", result)
+        return result
     save(stem, result)
     plot(result, FIGURES / f"{stem}.png")
     return result
@@ -542,6 +587,27 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def target_line(result: dict[str, Any], arm: str = "memory") -> str:
+    """One run against the issue's target, for ``arm``: the feedback items each new label needed
+    until its recall first reached 0.6 (the target: at most 20), its recall at the 20th item, and
+    old-class accuracy of the model alone and with the arm."""
+    cells = []
+    for label in result["new_labels"]:
+        hit = result["reach_recall_0_6"][arm][label]
+        at_20 = next((t for t in result["timeline"] if t["feedback"][label] >= 20), None)
+        cells.append(f"`{label}` {'never' if hit is None else hit['feedback']}"
+                     + ("" if at_20 is None else f" (at 20: {at_20['recall'][arm][label]:.2f})"))
+    met = sum(
+        1 for label in result["new_labels"]
+        if (hit := result["reach_recall_0_6"][arm][label]) is not None and hit["feedback"] <= 20
+    )
+    s = result["summary"]
+    cost = 100 * (s[arm]["old"] - s["never"]["old"])
+    return (f"{result['dataset']} seed {result['options']['seed']} {result['options']['search']}"
+            f" [{arm}]: {met} of {len(result['new_labels'])} within 20; " + ", ".join(cells)
+            + f"; old classes {s['never']['old']:.4f} -> {s[arm]['old']:.4f} ({cost:+.2f} points)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--datasets", nargs="+", default=["hwu64", "banking77"])
@@ -550,6 +616,8 @@ def main() -> None:
     defaults = StreamOptions()
     for name, value in asdict(defaults).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    parser.add_argument("--arms", nargs="+", default=list(ALL_ARMS), choices=list(ALL_ARMS),
+                        help="the ways of serving to run (never is always run)")
     args = parser.parse_args()
     if args.tables_from:
         import json
@@ -562,8 +630,12 @@ def main() -> None:
 
     torch.set_num_threads(1)  # the machine is shared; head training is small
     for name in args.datasets:
-        result = run(name, options)
-        print(markdown(result), flush=True)
+        result = run(name, options, tuple(args.arms))
+        if set(result["arms"]) == set(ALL_ARMS):
+            print(markdown(result), flush=True)
+        for arm in ("memory", "both"):
+            if arm in result["arms"]:
+                print(target_line(result, arm), flush=True)
         print(f"({result['seconds']} s)\n", flush=True)
 
 

@@ -11,10 +11,13 @@ and two background threads:
 - the *rebuilder* (niced, like the model load) notices when the worker starts serving another
   model (at start-up and after every swap) and rebuilds the memory for it: it runs the served
   classifier over every feedback text (embeddings and the model's own predictions in one pass),
-  calibrates the thresholds on them and keeps only the entries the model gets wrong
-  (:func:`~adapters.serving.memory.rebuilt_memory`), then hands the new memory to the follower
-  with the change-feed position it was built from. Changes committed meanwhile are replayed
-  onto it (every change is idempotent), so none is lost. It also rebuilds for the same model
+  calibrates the thresholds on the items the model never trained on (not in its version folder's
+  training data), keeps the labels a retrain added (the version's lineage) *memory-served* while
+  the memory answers their feedback better than the new head, and of the other labels keeps only
+  the entries the model gets wrong (:func:`~adapters.serving.memory.rebuilt_memory`), then
+  hands the new memory to the follower with the change-feed position it was built from.
+  Changes committed meanwhile are replayed onto it (every change is idempotent), so none is
+  lost. It also rebuilds for the same model
   once enough new feedback has arrived (:data:`RECALIBRATE_AFTER_CHANGES`), so the thresholds
   and the prototype rule's margin follow the feedback.
 
@@ -40,7 +43,9 @@ from adapters.serving.memory import (
     FeedbackFollower,
     FeedbackMemory,
     MemoryMatches,
+    learnt_labels,
     rebuilt_memory,
+    trained_texts,
     version_prototypes,
 )
 from monitoring.metrics import metrics
@@ -251,21 +256,29 @@ class FeedbackMemoryKeeper:
         cursor = self.store.latest_feedback_seq()
         items = self.store.all_feedback()
         embeddings, predicted = embed_texts(model, [item.text for item in items])
+        folder = model.classifier.path
+        # Calibrated on the feedback the head never trained on (its version folder holds what it
+        # trained on); labels a retrain added stay the memory's while it answers them better.
+        trained = trained_texts(folder)
         memory, calibration = rebuilt_memory(
             [item.id for item in items],
             embeddings,
             [item.label for item in items],
             [model.labels[i] for i in predicted.tolist()],
             model.labels,
-            reference=version_prototypes(model.classifier.path, model.labels),
+            reference=version_prototypes(folder, model.labels),
+            learnt=learnt_labels(folder),
+            unseen=np.array([item.text not in trained for item in items], dtype=bool),
         )
         self.follower.replace(memory, cursor)
         self._encoder_id = model.encoder_id
-        self._built_for = model
+        # What describes the build first, the version it was built for last: a reader that sees
+        # the new version (GET /memory, a test waiting for the rebuild) sees its calibration.
         self._built_at = time.time()
         self._rebuild_seconds = time.perf_counter() - started
         self._feedback_items = len(items)
         self._calibration = calibration
+        self._built_for = model
         self._changes_since_build = max(0, self._changes_since_build - counted)
         self._last_error = None
         metrics().memory_entries.set(len(memory))

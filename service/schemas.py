@@ -589,6 +589,10 @@ class MemoryCalibration(BaseModel):
         0, description="Of those, the items the prototype rule answered."
     )
     reason: str
+    memory_served: list[str] = Field(
+        [], description="Labels a retrain added that the memory still answers as if the model "
+        "did not know them: on their feedback the memory is right more often than the new head."
+    )
 
 
 class MemoryResponse(BaseModel):
@@ -639,6 +643,7 @@ class MemoryResponse(BaseModel):
                 items=c.items, model_accuracy=c.model_accuracy,
                 combined_accuracy=c.combined_accuracy, answered=c.answered,
                 prototype_answered=c.prototype_answered, reason=c.reason,
+                memory_served=list(c.memory_served),
             ),
             last_error=state.last_error,
         )

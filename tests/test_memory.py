@@ -17,9 +17,12 @@ from adapters.serving.memory import (
     FeedbackFollower,
     FeedbackMemory,
     calibrate_threshold,
+    class_means,
     class_prototypes,
+    learnt_labels,
     prune_to_mistakes,
     rebuilt_memory,
+    trained_texts,
     version_prototypes,
 )
 
@@ -318,6 +321,29 @@ def test_the_prototype_rule_answers_a_varied_new_label_no_single_example_is_clos
     assert memory.lookup(query[None]).labels == [None]
 
 
+def test_a_few_varied_examples_are_weighed_as_their_labels_mean(rng):
+    # Three examples of a new label, each at 0.6 to the label's centre (0.36 to each other): the
+    # mean of so few is far from the centre (norm 0.76 where the centre's examples' mean tends
+    # to 0.6), so a text near the centre looks less like their normalised mean (0.59) than like
+    # a known class's prototype (0.6), whose mean is of hundreds. The rule estimates the label's
+    # own coherence from its examples (with the model's classes' as a prior) and weighs the text
+    # against the label's estimated mean direction instead: 0.75 against 0.6.
+    basis, _ = np.linalg.qr(rng.standard_normal((384, 6)))
+    centre, known, noise = basis[:, 0], basis[:, 1], basis[:, 2:].T
+    entries = np.stack([0.6 * centre + 0.8 * noise[i] for i in range(3)])
+    reference = 0.6 * known[None]  # a known class's mean: its examples alike as the new ones
+    query = 0.75 * centre + 0.6 * known + np.sqrt(1 - 0.75**2 - 0.6**2) * noise[3]
+    prototype = unit(entries.mean(axis=0))
+    assert query @ prototype < query @ unit(reference[0])  # the raw prototype loses
+    memory = FeedbackMemory(known_labels={"k"}, reference=reference, new_label_margin=0.1,
+                            new_label_threshold=0.9)
+    memory.add([1, 2, 3], entries, ["new"] * 3)
+    assert memory.lookup(query[None]).labels == ["new"]
+    # A text nearer the known class stays the model's.
+    other = 0.45 * centre + 0.8 * known + np.sqrt(1 - 0.45**2 - 0.8**2) * noise[3]
+    assert memory.lookup(other[None]).labels == [None]
+
+
 def test_prototypes_follow_additions_relabels_and_removals(rng):
     reference = unit(rng.standard_normal((2, 384)))
     centres = unit(rng.standard_normal((2, 384)))
@@ -441,10 +467,13 @@ def test_version_prototypes_come_from_the_version_folders_training_data(tmp_path
              validation=vectors[:1].astype(np.float16), test=vectors[:1].astype(np.float16))
     prototypes = version_prototypes(tmp_path, ["a", "b", "c", "unseen"])
     assert prototypes is not None and prototypes.shape == (4, 384)
-    expected_a = unit(vectors[1] + vectors[3])
+    # The class means (not normalised: their norms say how alike each class's examples are).
+    expected_a = (vectors[1] + vectors[3]) / 2
     np.testing.assert_allclose(prototypes[0], expected_a, atol=2e-3)  # stored as float16
     np.testing.assert_allclose(
-        prototypes, class_prototypes(vectors, labels, ["a", "b", "c", "unseen"]), atol=2e-3)
+        prototypes, class_means(vectors, labels, ["a", "b", "c", "unseen"]), atol=2e-3)
+    np.testing.assert_allclose(  # their directions are the class prototypes
+        unit(prototypes[:3]), class_prototypes(vectors, labels, ["a", "b", "c"]), atol=2e-3)
     assert not prototypes[3].any()  # no rows: a zero row, which the memory drops
     assert FeedbackMemory(reference=prototypes).reference.shape == (3, 384)
     assert version_prototypes(tmp_path / "elsewhere", ["a"]) is None
@@ -581,6 +610,123 @@ def test_a_rebuilt_memory_uses_the_models_class_prototypes(rng):
     np.testing.assert_allclose(memory.reference, reference)
     assert calibration.new_label_margin is not None
     assert memory.new_label_margin == calibration.new_label_margin
+
+
+def leave_one_out_accuracy(memory_of, vectors, labels, predicted, ids, kept) -> float:
+    """Each item looked up in a memory of the *kept* items other than itself (``memory_of``
+    builds it from ids, vectors, labels), memory-or-model scored as the service would serve."""
+    correct = 0
+    for i in range(len(vectors)):
+        others = [j for j in range(len(vectors)) if j != i and kept[j]]
+        memory = memory_of([ids[j] for j in others], vectors[others], [labels[j] for j in others])
+        answer = memory.lookup(vectors[i][None]).labels[0]
+        correct += (answer if answer is not None else predicted[i]) == labels[i]
+    return correct / len(vectors)
+
+
+def test_a_rebuilt_memory_is_calibrated_on_the_entries_it_keeps(rng):
+    # Known-label items the model gets right are dropped after calibration; calibrating on all
+    # of them (as if they stayed to shield their neighbours) misjudged what the memory answers.
+    vectors, labels, predicted, known, reference = prototype_feedback(rng)
+    ids = list(range(len(labels)))
+    memory, calibration = rebuilt_memory(ids, vectors, labels, predicted, known, reference)
+    kept = [label != p for label, p in zip(labels, predicted, strict=True)]
+    assert set(memory.ids.tolist()) == {i for i in ids if kept[i]}
+
+    def memory_of(entry_ids, entry_vectors, entry_labels):
+        m = FeedbackMemory(known_labels=known, reference=reference)
+        m.set_thresholds(calibration)
+        m.add(entry_ids, entry_vectors, entry_labels)
+        return m
+
+    assert calibration.combined_accuracy == pytest.approx(
+        leave_one_out_accuracy(memory_of, vectors, labels, predicted, ids, kept))
+    assert calibration.combined_accuracy > calibration.model_accuracy
+
+
+def learnt_label_feedback(rng: np.random.Generator, head_right: int):
+    """``prototype_feedback`` after a retrain that added ``n0``: the new head knows it (its
+    prototype is in the reference) but gets only ``head_right`` of its 12 items right."""
+    vectors, labels, predicted, known, reference = prototype_feedback(rng)
+    n0 = [i for i, label in enumerate(labels) if label == "n0"]
+    for i in n0[:head_right]:
+        predicted[i] = "n0"
+    n0_mean = vectors[n0].mean(axis=0)
+    return vectors, labels, predicted, [*known, "n0"], np.concatenate([reference, n0_mean[None]])
+
+
+def test_a_label_a_retrain_added_stays_the_memorys_while_the_head_lags(rng):
+    vectors, labels, predicted, known, reference = learnt_label_feedback(rng, head_right=3)
+    ids = list(range(len(labels)))
+    memory, calibration = rebuilt_memory(ids, vectors, labels, predicted, known, reference,
+                                         learnt={"n0"})
+    assert calibration.memory_served == ("n0",)
+    # The memory treats it as a label the model does not know: the other classes' prototypes
+    # are the reference, and every n0 entry stays (the three the head gets right too).
+    assert memory.known_labels == frozenset({"k0", "k1", "k2"})
+    assert memory.reference is not None and len(memory.reference) == 3
+    n0_ids = {i for i in ids if labels[i] == "n0"}
+    assert n0_ids <= set(memory.ids.tolist())
+    # A new text of n0 that the head would get wrong is answered by the memory.
+    centre = unit(vectors[sorted(n0_ids)].mean(axis=0))
+    assert memory.lookup(centre[None]).labels == ["n0"]
+    # Without the lineage, the head is trusted with n0 and only its mistakes stay.
+    plain, plain_calibration = rebuilt_memory(ids, vectors, labels, predicted, known, reference)
+    assert plain_calibration.memory_served == ()
+    assert plain.known_labels == frozenset(known)
+    assert len(n0_ids & set(plain.ids.tolist())) == 9
+
+
+def test_a_learnt_label_goes_to_the_head_once_it_is_as_good(rng):
+    vectors, labels, predicted, known, reference = learnt_label_feedback(rng, head_right=12)
+    ids = list(range(len(labels)))
+    memory, calibration = rebuilt_memory(ids, vectors, labels, predicted, known, reference,
+                                         learnt={"n0", "not_in_the_model"})
+    assert calibration.memory_served == ()
+    assert memory.known_labels == frozenset(known)
+    assert not {i for i in ids if labels[i] == "n0"} & set(memory.ids.tolist())
+
+
+def test_the_judgement_uses_the_items_the_head_never_trained_on(rng):
+    # The head gets 4 of n0's 12 items right: the 4 it never trained on. Judged on all 12 the
+    # memory (right on all, leave-one-out) looks better; on the 4 new to the head, it is not.
+    vectors, labels, predicted, known, reference = learnt_label_feedback(rng, head_right=4)
+    ids = list(range(len(labels)))
+    n0 = [i for i in ids if labels[i] == "n0"]
+    unseen = np.ones(len(ids), dtype=bool)
+    unseen[n0[4:]] = False
+    _, on_all = rebuilt_memory(ids, vectors, labels, predicted, known, reference, learnt={"n0"})
+    _, on_unseen = rebuilt_memory(ids, vectors, labels, predicted, known, reference,
+                                  learnt={"n0"}, unseen=unseen)
+    assert on_all.memory_served == ("n0",)
+    assert on_unseen.memory_served == ()
+    assert on_unseen.items == len(ids) - 8
+
+
+def test_learnt_labels_follow_the_lineage_and_trained_texts_the_version_data(tmp_path):
+    import json
+
+    def version(name: str, parent: str | None, new_labels: list[str] | None) -> Path:
+        folder = tmp_path / name
+        (folder / "data").mkdir(parents=True)
+        training = {} if new_labels is None else {"retrain": {"new_labels": new_labels}}
+        (folder / "manifest.json").write_text(
+            json.dumps({"name": name, "parent": parent, "training": training}))
+        return folder
+
+    v1 = version("v1", None, None)
+    version("v2", "v1", ["gift_card"])
+    v3 = version("v3", "v2", ["loyalty"])
+    version("v4", "v2", [])
+    assert learnt_labels(v1) == frozenset()
+    assert learnt_labels(v3) == {"gift_card", "loyalty"}
+    assert learnt_labels(tmp_path / "v4") == {"gift_card"}
+    assert learnt_labels(tmp_path / "missing") == frozenset()
+    (v3 / "data" / "train.jsonl").write_text('{"text": "a", "label": "x"}\n')
+    (v3 / "data" / "validation.jsonl").write_text('{"text": "b", "label": "y"}\n')
+    (v3 / "data" / "test.jsonl").write_text('{"text": "c", "label": "y"}\n')
+    assert trained_texts(v3) == {"a", "b"}  # the test split is never trained on
+    assert trained_texts(v1) == frozenset()
 
 
 # -- on real data --------------------------------------------------------------------------------

@@ -145,3 +145,39 @@ def test_memory_disabled_serves_the_model_only(registry, tmp_path):
         assert plane.store.all_feedback()[0].embedding is None
     finally:
         plane.stop_blocking()
+
+
+def test_a_label_a_retrain_added_stays_the_memorys_until_the_head_is_as_good(registry, tmp_path):
+    import json
+
+    v2 = write_toy_version(registry, labels=(*TOY_LABELS, "gift_card"), promote=False, seed=1)
+    # v2 as the retrain job records it: v1's child, which added gift_card from feedback.
+    manifest = json.loads((v2.path / "manifest.json").read_text())
+    manifest["parent"] = "v1"
+    manifest["training"] = {"retrain": {"new_labels": ["gift_card"]}}
+    (v2.path / "manifest.json").write_text(json.dumps(manifest))
+    v2_says = OnnxClassifier(v2.path).predict(CANDIDATES).probabilities.argmax(1)
+    # Feedback teaching gift_card: one text v2 gets right, the others it gets wrong.
+    right = next(i for i in range(len(CANDIDATES)) if v2.labels[v2_says[i]] == "gift_card")
+    wrong = [i for i in range(len(CANDIDATES)) if v2.labels[v2_says[i]] != "gift_card"][:4]
+    plane = plane_over(registry, tmp_path)
+    try:
+        wait_for(lambda: plane.memory_state().built_for == "v1", timeout=10, what="first build")
+        give(plane, [(CANDIDATES[i], "gift_card") for i in [right, *wrong]])
+        wait_for(lambda: plane.memory_state().entries == 5, timeout=5, what="the follower")
+        registry.promote("v2")
+        wait_for(lambda: plane.memory_state().built_for == "v2", timeout=15,
+                 what="the rebuild after the swap")
+        state = plane.memory_state()
+        # Too little feedback to show the head is as good: the memory keeps serving the label,
+        # all of its entries, the one v2 gets right too, as a label the model does not know.
+        assert state.calibration is not None
+        assert state.calibration.memory_served == ("gift_card",)
+        assert state.entries == 5
+        assert plane.memory is not None and "gift_card" not in plane.memory.memory.known_labels
+        batch = asyncio.run(plane.predict([CANDIDATES[right]]))
+        assert batch.model_version == "v2"
+        assert batch.predictions[0].source == "feedback"
+        assert batch.predictions[0].label == "gift_card"
+    finally:
+        plane.stop_blocking()

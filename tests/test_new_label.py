@@ -127,3 +127,19 @@ def test_a_new_label_taught_with_80_examples_is_promoted_and_pending_labels_do_n
         recall = sum(p["label"] == NEW for p in fresh) / len(fresh)
         print(f"recall of {NEW} on {len(fresh)} unseen texts: {recall:.3f}")
         assert recall >= 0.6
+
+        # Each worker rebuilds its memory for the new version; the label the retrain added stays
+        # the memory's only while the memory answers its feedback better than the new head
+        # (GET /memory names such labels), and only the retrain's own new label can be one.
+        def rebuilt() -> dict | None:
+            state = client.get("/memory").json()
+            return state if state["built_for"] == result["version"] else None
+
+        state = wait_for(rebuilt, 60, what="the memory rebuilt for the new version")
+        assert state["calibration"] is not None, state
+        assert set(state["calibration"]["memory_served"]) <= {NEW}, state
+        # Calibrated on the feedback the new head never trained on (the retrain's held-out
+        # fifth and the 2 pending items: 31 here), not on all 142.
+        assert state["feedback_items"] == 142, state
+        assert 18 <= state["calibration"]["items"] < 142, state
+        print("memory after the promotion:", json.dumps(state["calibration"]))

@@ -23,16 +23,20 @@ Design for the serving hot path (numpy only, no torch):
   model does not have yet (new labels: there the model is always wrong). The nearest entry
   answers when its similarity reaches the threshold of its own label.
 - The *prototype rule*, for labels the model does not know, answers from all of a label's
-  examples rather than one: a text no entry answered gets the new label whose prototype (the
-  normalised mean of its entries) is most similar, when that similarity exceeds the similarity to
-  the nearest of the model's class prototypes (the reference, from the version's training data:
-  :func:`version_prototypes`) by a margin. Varied labels, whose examples are rarely close to a new
-  text one by one, are taught this way (BENCHMARKS.md, section 5). Per-label sums are kept with
-  each snapshot, so a lookup adds two small matrix products (new-label prototypes, reference).
+  examples rather than one: a text no entry answered gets the new label whose estimated mean
+  direction is most similar, when that similarity exceeds the similarity to the nearest of the
+  model's class prototypes (the reference: the class means of the version's training data,
+  :func:`version_prototypes`) by a margin. A label's mean direction is estimated from its few
+  examples without the small-sample bias of their plain mean (:func:`_prototype_scale`), so one
+  margin serves labels with 3 examples and with 30. Varied labels, whose examples are rarely
+  close to a new text one by one, are taught this way (BENCHMARKS.md, section 5). Per-label sums
+  are kept with each snapshot, so a lookup adds two small matrix products.
 - :func:`calibrate_threshold` picks both thresholds and the margin on held-out feedback by
-  leave-one-out, so that the memory does not lower accuracy; :class:`FeedbackFollower` keeps a
-  worker's memory in step with the store by polling for new feedback (every worker within about
-  one poll interval).
+  leave-one-out, against the entries the memory will hold, so that the memory does not lower
+  accuracy; :class:`FeedbackFollower` keeps a worker's memory in step with the store by polling
+  for new feedback (every worker within about one poll interval).
+- After a retrain, :func:`rebuilt_memory` keeps a label the retrain added *memory-served* (as if
+  the model did not know it) while the memory answers its feedback better than the new head.
 """
 
 from __future__ import annotations
@@ -40,8 +44,9 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -126,6 +131,23 @@ def class_prototypes(
     return np.divide(sums, norms, out=np.zeros_like(sums), where=norms > 0)
 
 
+def class_means(
+    embeddings: np.ndarray, labels: Sequence[str], names: Sequence[str]
+) -> np.ndarray:
+    """Each of ``names``' mean of its rows in ``embeddings`` (``[len(names), dim]``; a zero row
+    for a name without rows). Its direction is the class prototype; for unit rows its squared
+    norm measures how alike the class's examples are (about their mean pairwise cosine)."""
+    vectors = np.asarray(embeddings, dtype=np.float32)
+    index = {name: i for i, name in enumerate(names)}
+    rows = [i for i, label in enumerate(labels) if label in index]
+    codes = np.array([index[labels[i]] for i in rows], dtype=np.int64)
+    sums = np.zeros((len(names), vectors.shape[1] if vectors.ndim == 2 else DIM), np.float32)
+    if rows:
+        np.add.at(sums, codes, vectors[rows])
+    sizes = np.bincount(codes, minlength=len(names)).astype(np.float32)
+    return np.divide(sums, sizes[:, None], out=np.zeros_like(sums), where=sizes[:, None] > 0)
+
+
 def _usable_reference(reference: np.ndarray | None, dim: int) -> np.ndarray | None:
     """The reference's non-zero rows (a label without training rows has no prototype)."""
     if reference is None:
@@ -135,11 +157,47 @@ def _usable_reference(reference: np.ndarray | None, dim: int) -> np.ndarray | No
     return rows if len(rows) else None
 
 
+PRIOR_PAIRS = 2.0
+"""Weight, in pairs of examples, of the prior in a new label's coherence estimate."""
+COHERENCE_FLOOR = 0.05
+"""Estimated coherences are clipped to ``[COHERENCE_FLOOR, 1]`` (two dissimilar examples, or a
+wrong label among few, must not blow up the label's score)."""
+
+
+def _reference_scale(rows: np.ndarray) -> tuple[np.ndarray, float]:
+    """Per reference row (a class mean), the factor that turns ``q · row`` into the cosine of
+    ``q`` with the class's prototype; and the prior coherence of a label: the median squared norm
+    of the class means (for unit examples, about the mean pairwise cosine within a class)."""
+    norms2 = (rows.astype(np.float64) ** 2).sum(axis=1)
+    prior = float(np.clip(np.median(norms2), COHERENCE_FLOOR, 1.0)) if len(rows) else 1.0
+    return 1.0 / np.sqrt(norms2), prior
+
+
+def _prototype_scale(sums_sq: np.ndarray, sizes: np.ndarray, prior: float) -> np.ndarray:
+    """Per new label (elementwise), the factor that turns ``q · sum`` (the sum of its ``k``
+    unit examples) into the label's score: the cosine of ``q`` with the label's *estimated mean
+    direction*, ``q · mean / a``, where ``a²``, the label's coherence (the squared norm of its
+    examples' expected value), is estimated by their mean pairwise cosine
+    (``(‖sum‖² − k) / (k(k − 1))``), shrunk towards ``prior`` by :data:`PRIOR_PAIRS` pairs.
+
+    The plain cosine with the normalised mean is biased low for few examples (the mean of ``k``
+    examples has squared norm ``a² + (1 − a²) / k``, not ``a²``), the more so the more varied the
+    label: its score would then rise as examples come, and one margin could not serve labels with
+    different numbers of examples. The class means of the model's classes come from hundreds of
+    examples each: their plain cosine is the same estimate."""
+    k = np.asarray(sizes, np.float64)
+    coherence = (sums_sq - k + PRIOR_PAIRS * prior) / (k * (k - 1) + PRIOR_PAIRS)
+    coherence = np.clip(coherence, COHERENCE_FLOOR, 1.0)
+    with np.errstate(divide="ignore"):
+        return 1.0 / (k * np.sqrt(coherence))
+
+
 def version_prototypes(folder: str | Path, labels: Sequence[str]) -> np.ndarray | None:
-    """The class prototypes of a version's training data: ``data/train.jsonl`` and its rows of
-    ``data/embeddings.npz`` in the version folder (by that version's encoder, as served), one row
-    per label in ``labels``. ``None`` when the folder has no such data (the prototype rule is then
-    off)."""
+    """The class means of a version's training data (:func:`class_means`: their directions are
+    the class prototypes, their norms how alike each class's examples are): ``data/train.jsonl``
+    and its rows of ``data/embeddings.npz`` in the version folder (by that version's encoder, as
+    served), one row per label in ``labels``. ``None`` when the folder has no such data (the
+    prototype rule is then off)."""
     from adapters.serving.data import read_jsonl
 
     data = Path(folder) / "data"
@@ -152,7 +210,7 @@ def version_prototypes(folder: str | Path, labels: Sequence[str]) -> np.ndarray 
         vectors = arrays["train"].astype(np.float32)
     if len(vectors) != len(train.labels):
         return None
-    return class_prototypes(vectors, train.labels, labels)
+    return class_means(vectors, train.labels, labels)
 
 
 class FeedbackMemory:
@@ -165,11 +223,11 @@ class FeedbackMemory:
     the ``neighbours`` nearest entries that reach their threshold.
 
     The *prototype rule* answers rows that no entry answered, with a label the model does not know,
-    from more than one entry: each such label's prototype is the normalised mean of its entries;
-    the row gets the label of the most similar prototype when that similarity exceeds the
-    similarity to the nearest of the model's own class prototypes (``reference``, one row per
-    known label, from the model's training data: :func:`class_prototypes`) by at least
-    ``new_label_margin``. It is off while either is ``None``.
+    from more than one entry: the row gets the label whose estimated mean direction (from its
+    entries: :func:`_prototype_scale`) is most similar when that similarity exceeds the similarity
+    to the nearest of the model's own class prototypes (``reference``: one row per known label,
+    the class means of the model's training data, :func:`class_means`; unit rows work too) by at
+    least ``new_label_margin``. It is off while either is ``None``.
     """
 
     def __init__(
@@ -193,9 +251,9 @@ class FeedbackMemory:
         self.set_reference(reference)
         self.new_label_margin = new_label_margin
         self._lock = threading.Lock()
-        self._prototype_cache: tuple[_Snapshot, frozenset[str], np.ndarray, np.ndarray] | None = (
-            None
-        )
+        self._prototype_cache: (
+            tuple[_Snapshot, frozenset[str], float, np.ndarray, np.ndarray] | None
+        ) = None
         self._snapshot = _Snapshot(
             np.zeros((0, dim), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int32), 0, (),
             np.zeros((0, dim), np.float32), np.zeros(0, np.int64),
@@ -208,7 +266,13 @@ class FeedbackMemory:
     def set_reference(self, reference: np.ndarray | None) -> None:
         """The serving model's class prototypes (:func:`class_prototypes` of its training data),
         against which the prototype rule weighs a label the model does not know."""
-        self.reference = _usable_reference(reference, self.dim)
+        rows = _usable_reference(reference, self.dim)
+        if rows is None:
+            self._reference_scoring, self._prior = None, 1.0
+        else:
+            scale, self._prior = _reference_scale(rows)
+            self._reference_scoring = (rows * scale[:, None]).astype(np.float32)
+        self.reference = rows
 
     def set_thresholds(self, calibration: Calibration) -> None:
         self.threshold = calibration.threshold
@@ -408,7 +472,7 @@ class FeedbackMemory:
         self, s: _Snapshot, queries: np.ndarray, answered: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray] | None:
         """Rows (not ``answered``) that the prototype rule answers, and their label codes."""
-        margin, reference = self.new_label_margin, self.reference
+        margin, reference = self.new_label_margin, self._reference_scoring
         if margin is None or reference is None or answered.all():
             return None
         new, prototypes = self._new_label_prototypes(s)
@@ -427,15 +491,18 @@ class FeedbackMemory:
         computed once per snapshot and set of known labels."""
         known = self.known_labels
         cached = self._prototype_cache
-        if cached is not None and cached[0] is s and cached[1] is known:
-            return cached[2], cached[3]
+        if (cached is not None and cached[0] is s and cached[1] is known
+                and cached[2] == self._prior):
+            return cached[3], cached[4]
         new = np.array(
             [i for i, name in enumerate(s.label_names) if s.sizes[i] > 0 and name not in known],
             dtype=np.int64,
         )
-        sums = s.sums[new]
-        prototypes = sums / np.linalg.norm(sums, axis=1, keepdims=True)
-        self._prototype_cache = (s, known, new, prototypes)  # one assignment: safe to race
+        sums = s.sums[new].astype(np.float64)
+        scale = _prototype_scale((sums**2).sum(axis=1), s.sizes[new], self._prior)
+        prototypes = (sums * scale[:, None]).astype(np.float32)
+        # One assignment: safe to race.
+        self._prototype_cache = (s, known, self._prior, new, prototypes)
         return new, prototypes
 
     def _thresholds(self, s: _Snapshot) -> np.ndarray:
@@ -494,6 +561,9 @@ class Calibration:
     """The prototype rule's margin (``None``: off, for want of evidence or of a reference)."""
     prototype_answered: int = 0
     """How many of the answered calibration items the prototype rule answered."""
+    memory_served: tuple[str, ...] = ()
+    """Labels the model knows that the memory still serves as if it did not (labels a retrain
+    added whose feedback the memory answers better than the new head: :func:`rebuilt_memory`)."""
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -502,10 +572,23 @@ class Calibration:
             "items": self.items, "model_accuracy": self.model_accuracy,
             "combined_accuracy": self.combined_accuracy, "answered": self.answered,
             "prototype_answered": self.prototype_answered, "reason": self.reason,
+            "memory_served": list(self.memory_served),
         }
 
 
 def calibrate_threshold(
+    embeddings: np.ndarray,
+    labels: Sequence[str],
+    model_predictions: Sequence[str],
+    known_labels: Iterable[str],
+    **options: Any,
+) -> Calibration:
+    """The thresholds that maximise leave-one-out accuracy of memory-or-model on feedback
+    (:func:`_calibrate`, whose keyword options it takes)."""
+    return _calibrate(embeddings, labels, model_predictions, known_labels, **options)[0]
+
+
+def _calibrate(
     embeddings: np.ndarray,
     labels: Sequence[str],
     model_predictions: Sequence[str],
@@ -523,8 +606,12 @@ def calibrate_threshold(
     margin_floor: float = MARGIN_FLOOR,
     margin_ceiling: float = MARGIN_CEILING,
     margin_default: float = DEFAULT_NEW_LABEL_MARGIN,
-) -> Calibration:
-    """The thresholds that maximise leave-one-out accuracy of memory-or-model on feedback.
+    queries: np.ndarray | None = None,
+    kept: np.ndarray | None = None,
+) -> tuple[Calibration, np.ndarray | None]:
+    """The thresholds that maximise leave-one-out accuracy of memory-or-model on feedback, and
+    per item whether memory-or-model is right at them (leave-one-out; ``None`` with too few items
+    to calibrate).
 
     Each item is looked up against all the others: at thresholds ``(t, t_new)`` it is answered
     by its nearest other item when their similarity reaches ``t`` (that item's label is one of
@@ -543,29 +630,47 @@ def calibrate_threshold(
     ``margin_floor`` to ``margin_ceiling`` are scored with what is left of the known-label
     budget; where none gains, the rule stays off (margin ``None``). Where no label the model
     does not know has two items yet (nothing to leave one out of), ``margin_default``.
+
+    ``queries`` (a mask; all items without it) are the items scored, e.g. those the model never
+    trained on; ``kept`` (all without it) the items the memory holds as entries: an item's
+    nearest other item is sought among those, as the memory will seek it. The prototypes are
+    built from all items (the memory keeps every entry of a label the model does not know).
     """
     vectors = np.ascontiguousarray(embeddings, dtype=np.float32)
-    n = len(vectors)
-    if not n == len(labels) == len(model_predictions):
+    total_items = len(vectors)
+    if not total_items == len(labels) == len(model_predictions):
         raise ValueError("embeddings, labels and model_predictions must have the same length")
+    scored = (np.ones(total_items, dtype=bool) if queries is None
+              else np.asarray(queries, dtype=bool))
+    rows = np.flatnonzero(scored)
+    n = len(rows)
     has_reference = _usable_reference(reference, vectors.shape[1]) is not None
     if n < min_items:
         return Calibration(default, new_label_default, n, None, None, 0,
                            f"{n} feedback items; at least {min_items} are needed to calibrate",
-                           margin_default if has_reference else None)
+                           margin_default if has_reference else None), None
     known = frozenset(known_labels)
-    truth = np.array(labels, dtype=object)
-    model_correct = np.array(model_predictions, dtype=object) == truth
-    nearest = np.empty(n, np.int64)
-    similarity = np.empty(n, np.float32)
-    for start in range(0, n, 1024):  # blocks: an n x n matrix of 10k items would be 400 MB
-        block = vectors[start : start + 1024] @ vectors.T
-        block[np.arange(len(block)), np.arange(start, start + len(block))] = -np.inf
-        nearest[start : start + len(block)] = block.argmax(axis=1)
-        similarity[start : start + len(block)] = block.max(axis=1)
-    memory_correct = truth[nearest] == truth
-    neighbour_known = np.array([label in known for label in truth[nearest]])
-    item_known = np.array([label in known for label in truth])
+    all_truth = np.array(labels, dtype=object)
+    truth = all_truth[rows]
+    model_correct = np.array(model_predictions, dtype=object)[rows] == truth
+    entries = np.ones(total_items, dtype=bool) if kept is None else np.asarray(kept, dtype=bool)
+    nearest = np.zeros(n, np.int64)
+    similarity = np.full(n, -np.inf, np.float32)
+    if entries.any():
+        entry_rows = np.flatnonzero(entries)
+        entry_vectors = vectors[entry_rows]
+        position = np.full(total_items, -1)
+        position[entry_rows] = np.arange(len(entry_rows))
+        for start in range(0, n, 1024):  # blocks: an n x n matrix of 10k items would be 400 MB
+            part = rows[start : start + 1024]
+            block = vectors[part] @ entry_vectors.T
+            own = position[part]
+            block[np.flatnonzero(own >= 0), own[own >= 0]] = -np.inf  # never its own entry
+            nearest[start : start + len(part)] = entry_rows[block.argmax(axis=1)]
+            similarity[start : start + len(part)] = block.max(axis=1)
+    memory_correct = all_truth[nearest] == truth
+    neighbour_known = np.array([label in known for label in all_truth[nearest]], dtype=bool)
+    item_known = np.array([label in known for label in truth], dtype=bool)
     gain = memory_correct.astype(int) - model_correct.astype(int)
 
     def table(group: np.ndarray, low: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -597,7 +702,8 @@ def calibrate_threshold(
     margin, by_prototype = None, np.zeros(n, dtype=bool)
     reference = _usable_reference(reference, vectors.shape[1]) if has_reference else None
     if reference is not None:
-        lead, correct_p = _prototype_leave_one_out(vectors, truth, known, reference)
+        lead, correct_p = _prototype_leave_one_out(vectors, all_truth, known, reference)
+        lead, correct_p = lead[rows], correct_p[rows]
         open_items = ~answered & np.isfinite(lead)
         evidence = bool((np.isfinite(lead) & ~item_known).any())
         gain_p = correct_p.astype(int) - model_correct.astype(int)
@@ -620,9 +726,11 @@ def calibrate_threshold(
                        f"{margin:.3f}")
         else:
             reason += "; the prototype rule does not beat the model: off"
-    return Calibration(t_known, t_new, n, float(model_correct.mean()), float(combined.mean()),
-                       int(answered.sum() + by_prototype.sum()), reason, margin,
-                       int(by_prototype.sum()))
+    calibration = Calibration(
+        t_known, t_new, n, float(model_correct.mean()), float(combined.mean()),
+        int(answered.sum() + by_prototype.sum()), reason, margin, int(by_prototype.sum()),
+    )
+    return calibration, combined.astype(bool)
 
 
 def _prototype_leave_one_out(
@@ -647,15 +755,72 @@ def _prototype_leave_one_out(
     self_dot = (vectors[rows].astype(np.float64) ** 2).sum(axis=1)
     dots[rows, codes[rows]] -= self_dot
     norms2[rows, codes[rows]] += self_dot - 2 * (dots[rows, codes[rows]] + self_dot)
+    counts = sizes[None, :] - own[:, None] * (codes[:, None] == np.arange(len(new))[None, :])
+    reference_rows = np.asarray(reference, np.float32)
+    reference_scale, prior = _reference_scale(reference_rows)
     with np.errstate(divide="ignore", invalid="ignore"):
-        scores = dots / np.sqrt(np.maximum(norms2, 0.0))
+        scores = dots * _prototype_scale(np.maximum(norms2, 0.0), counts, prior)
     # A label with no other entry has no prototype for this item.
-    alone = sizes[None, :] - own[:, None] * (codes[:, None] == np.arange(len(new))[None, :]) == 0
+    alone = counts == 0
     scores = np.where(alone | ~np.isfinite(scores), -np.inf, scores)
     pick = scores.argmax(axis=1)
     best = scores[np.arange(n), pick]
-    lead = best - (vectors @ np.asarray(reference, np.float32).T).max(axis=1)
+    lead = best - ((vectors @ reference_rows.T) * reference_scale[None, :]).max(axis=1)
     return lead, np.array(new, dtype=object)[pick] == truth
+
+
+def memory_served_labels(
+    embeddings: np.ndarray,
+    labels: Sequence[str],
+    predicted: Sequence[str],
+    known_labels: Sequence[str],
+    learnt: Iterable[str],
+    reference: np.ndarray | None = None,
+    queries: np.ndarray | None = None,
+) -> frozenset[str]:
+    """Of the ``learnt`` labels (labels a retrain added to the model), those the memory should
+    still serve: where memory-or-model, with those labels treated as labels the model does not
+    know (their own thresholds, the prototype rule against the other classes' prototypes), is
+    right on more of the label's feedback items (leave-one-out, on the ``queries`` items) than
+    the model alone.
+
+    A retrained head learns a label from its first few examples slowly; until its own recall on
+    the label's feedback matches the memory's, the memory keeps answering for it. ``reference``:
+    one row per label of ``known_labels`` (as :func:`version_prototypes` returns them).
+    """
+    known = list(known_labels)
+    candidates = {label for label in learnt if label in set(known)} & set(labels)
+    if not candidates:
+        return frozenset()
+    trusted = [label for label in known if label not in candidates]
+    truth = np.array(labels, dtype=object)
+    model_right = np.array(predicted, dtype=object) == truth
+    kept = np.isin(truth, list(candidates)) | ~model_right
+    scored = (np.ones(len(truth), dtype=bool) if queries is None
+              else np.asarray(queries, dtype=bool))
+    _, combined = _calibrate(embeddings, labels, predicted, trusted,
+                             reference=_reference_rows(reference, known, trusted),
+                             queries=scored, kept=kept)
+    if combined is None:  # too few items to tell: the memory keeps them (the model is new to them)
+        return frozenset(candidates)
+    truth, model_right = truth[scored], model_right[scored]
+    return frozenset(
+        label for label in candidates
+        if combined[truth == label].sum() > model_right[truth == label].sum()
+    )
+
+
+def _reference_rows(
+    reference: np.ndarray | None, known: Sequence[str], keep: Sequence[str]
+) -> np.ndarray | None:
+    """The rows of ``reference`` (one per label of ``known``) of the labels in ``keep``."""
+    if reference is None:
+        return None
+    rows = np.asarray(reference)
+    if len(rows) != len(known):
+        raise ValueError(f"the reference has {len(rows)} rows for {len(known)} labels")
+    wanted = set(keep)
+    return rows[[i for i, label in enumerate(known) if label in wanted]]
 
 
 def rebuilt_memory(
@@ -665,29 +830,89 @@ def rebuilt_memory(
     predicted: Sequence[str],
     known_labels: Iterable[str],
     reference: np.ndarray | None = None,
+    *,
+    learnt: Iterable[str] = (),
+    unseen: np.ndarray | None = None,
 ) -> tuple[FeedbackMemory, Calibration]:
     """The memory for a newly served model, from all feedback so far.
 
     ``embeddings`` and ``predicted`` are the new model's embeddings of the feedback texts and its
-    labels for them (one ONNX run over the texts gives both). Thresholds are calibrated on all
-    items first; then only the entries the model gets wrong are kept. A head that trained on most
-    of this feedback looks better on it than on new traffic, so the thresholds come out higher
-    (more cautious) than on held-out feedback alone. ``reference``: the model's class
-    prototypes, for the prototype rule (off without them).
+    labels for them (one ONNX run over the texts gives both). ``reference``: the model's class
+    prototypes, one row per label of ``known_labels`` (:func:`version_prototypes`), for the
+    prototype rule (off without them).
+
+    ``unseen`` marks the items the model never trained on: the thresholds are calibrated on those
+    (on all items when it is ``None``, or marks fewer than :data:`MIN_CALIBRATION_ITEMS`: a head
+    that trained on an item looks better on it than on new traffic, so thresholds calibrated on
+    all come out more cautious). ``learnt``: labels a retrain added (the model's lineage); those
+    of them the memory answers better than the model (:func:`memory_served_labels`, judged on
+    the unseen items) stay *memory-served*: the memory treats them as labels the model does not
+    know, and keeps all their entries. Of the other labels' entries, only those the model gets
+    wrong are kept.
     """
     known = list(known_labels)
-    calibration = calibrate_threshold(embeddings, labels, predicted, known, reference=reference)
+    vectors = np.asarray(embeddings, dtype=np.float32)
+    queries = np.ones(len(labels), dtype=bool) if unseen is None else np.asarray(unseen, bool)
+    if queries.sum() < MIN_CALIBRATION_ITEMS:
+        queries = np.ones(len(labels), dtype=bool)
+    served = memory_served_labels(vectors, labels, predicted, known, learnt, reference, queries)
+    trusted = [label for label in known if label not in served]
+    trusted_reference = _reference_rows(reference, known, trusted) if served else reference
+    truth = np.array(labels, dtype=object)
+    # Entries kept: every entry of a memory-served label (its prototype is built from them), and
+    # of the other labels those the model gets wrong. Calibrated against exactly those.
+    kept = np.isin(truth, list(served)) | (np.array(predicted, dtype=object) != truth)
+    calibration = calibrate_threshold(
+        vectors, labels, predicted, trusted, reference=trusted_reference, queries=queries,
+        kept=kept,
+    )
+    if served:
+        calibration = replace(calibration, memory_served=tuple(sorted(served)))
     memory = FeedbackMemory(
-        dim=embeddings.shape[1] if embeddings.ndim == 2 and len(embeddings) else DIM,
+        dim=vectors.shape[1] if vectors.ndim == 2 and len(vectors) else DIM,
         threshold=calibration.threshold,
         new_label_threshold=calibration.new_label_threshold,
-        known_labels=known,
-        reference=reference,
+        known_labels=trusted,
+        reference=trusted_reference,
         new_label_margin=calibration.new_label_margin,
     )
-    memory.add(ids, embeddings, labels)
-    prune_to_mistakes(memory, ids, predicted)
+    rows = np.flatnonzero(kept).tolist()
+    memory.add([ids[i] for i in rows], vectors[rows], [labels[i] for i in rows])
     return memory, calibration
+
+
+def learnt_labels(folder: str | Path) -> frozenset[str]:
+    """The labels retrains added along a version's lineage: the ``new_labels`` each retrain's
+    manifest records, from the version in ``folder`` up its parents (sibling folders)."""
+    import json
+
+    found: set[str] = set()
+    current: Path | None = Path(folder)
+    seen: set[Path] = set()
+    while current is not None and current not in seen and (current / "manifest.json").is_file():
+        seen.add(current)
+        try:
+            manifest = json.loads((current / "manifest.json").read_text())
+        except (OSError, ValueError):
+            break
+        retrain = (manifest.get("training") or {}).get("retrain") or {}
+        found.update(str(label) for label in retrain.get("new_labels") or ())
+        parent = manifest.get("parent")
+        current = current.parent / str(parent) if parent else None
+    return frozenset(found)
+
+
+def trained_texts(folder: str | Path) -> frozenset[str]:
+    """The texts a version's head trained on: its ``data/train.jsonl`` and
+    ``data/validation.jsonl`` (the served head is fitted on both); empty when absent."""
+    from adapters.serving.data import read_jsonl
+
+    texts: set[str] = set()
+    for name in ("train", "validation"):
+        path = Path(folder) / "data" / f"{name}.jsonl"
+        if path.is_file():
+            texts.update(read_jsonl(path).texts)
+    return frozenset(texts)
 
 
 # -- keeping every worker in step with the store ------------------------------------------------
