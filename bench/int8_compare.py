@@ -108,7 +108,7 @@ def build_version(name: str, search: str, rebuild: bool, recipe_name: str | None
     fitted = fit_head(data, recipe, source, reporter)
     recipes = quantize.RECIPES
     if recipe_name is not None:
-        quantize.RECIPES = tuple(r for r in recipes if r.name == recipe_name)
+        quantize.RECIPES = (quantize.KNOWN_RECIPES[recipe_name],)
     try:
         version = register_version(
             registry, fitted, Provenance(data_source=f"bench/datasets.py {name}"), recipe.seed,
@@ -208,7 +208,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=15)
     parser.add_argument("--search", choices=["none", "grid"], default="none")
     parser.add_argument("--rebuild", action="store_true", help="train the versions again")
-    parser.add_argument("--recipe", choices=["all-int8", "ffn-output-fp32"], default=None,
+    from adapters.training.quantize import KNOWN_RECIPES
+
+    parser.add_argument("--recipe", choices=list(KNOWN_RECIPES), default=None,
                         help="build the int8 models with this quantisation recipe only "
                         "(default: chosen on validation, as refit train does)")
     parser.add_argument("--save-as", default="int8_compare")
