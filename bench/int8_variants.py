@@ -56,12 +56,13 @@ def log(message: str) -> None:
 @dataclass(frozen=True)
 class Variant:
     name: str
-    kind: str  # "dynamic" | "static"
+    kind: str  # "recipe" (as the export makes it) | "dynamic" | "nbits" | "static"
     options: dict[str, Any] = field(default_factory=dict)
     preprocess: bool = False
 
 
 VARIANTS = [
+    Variant("blockwise-int8", "recipe", {"recipe": "blockwise-int8"}),
     Variant("dyn-all", "dynamic", {"ops": ["MatMul", "Gather"]}),
     Variant("dyn-ffn-output-fp32", "dynamic", {"ops": ["MatMul", "Gather"],
                                                "exclude": [FFN_OUTPUT]}),
@@ -139,7 +140,11 @@ def build(variant: Variant, fp32: Path, out: Path, calibration: Callable[[], Any
                 except Exception:  # noqa: BLE001 - symbolic inference gives up on this graph
                     quant_pre_process(str(fp32), str(source), skip_symbolic_shape=True)
             exclude = matching_nodes(source, options.get("exclude", []))
-            if variant.kind == "nbits":
+            if variant.kind == "recipe":  # what the export does (adapters/training/quantize.py)
+                from adapters.training.quantize import KNOWN_RECIPES, quantize_model
+
+                quantize_model(source, out, KNOWN_RECIPES[options["recipe"]])
+            elif variant.kind == "nbits":
                 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
                 quantizer = MatMulNBitsQuantizer(

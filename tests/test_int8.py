@@ -29,7 +29,7 @@ from service.predictor import ModelHolder
 from tests.servers import ServiceProcess, copy_registry, wait_for
 
 GOOD = {"examples": 3080, "agreement": 0.995, "accuracy_drop": 0.002}
-SIZE_SHARE = {"dynamic": 0.3, "blockwise": 0.7}
+SIZE_SHARE = {"all-int8": 0.3, "blockwise-int8": 0.3, "blockwise-int8-fp32-embeddings": 0.7}
 
 
 def manifest_with(check: dict | None) -> dict:
@@ -135,11 +135,10 @@ def test_manifest_records_the_int8_model_and_its_check(trained_registry):
     assert record["sha256"] == sha256_file(int8_path)
     assert record["size_bytes"] == int8_path.stat().st_size
     assert record["fp32_size_bytes"] == (version.path / FP32_FILE).stat().st_size
-    # Int8 weights: a quarter of the fp32 file, or two thirds when only the MatMul weights are
-    # quantised (blockwise: the embedding table stays fp32).
+    # Int8 weights: a quarter of the fp32 file, or two thirds with the fp32 embedding table.
     recipe = KNOWN_RECIPES[record["recipe"]]
     assert record["method"] == recipe.method
-    assert record["size_bytes"] < SIZE_SHARE[recipe.kind] * record["fp32_size_bytes"]
+    assert record["size_bytes"] < SIZE_SHARE[recipe.name] * record["fp32_size_bytes"]
     assert record["origin"] == "quantised from model.onnx" and record["build_seconds"] > 0
     # The recipe is chosen on validation, never on the test split the check reports.
     trials = record["selection"]["trials"]
@@ -181,7 +180,8 @@ def test_int8_model_reproduces_its_recorded_check(trained_registry):
 
 
 def test_the_export_makes_the_blockwise_model_and_knows_the_dynamic_one():
-    assert [r.name for r in RECIPES] == ["blockwise-int8"]
+    assert [r.name for r in RECIPES] == ["blockwise-int8", "blockwise-int8-fp32-embeddings"]
+    assert KNOWN_RECIPES["blockwise-int8-fp32-embeddings"].method["batch_independent"] is True
     assert KNOWN_RECIPES["blockwise-int8"].method["batch_independent"] is True
     assert KNOWN_RECIPES["all-int8"].method["batch_independent"] is False
     assert "MatMulNBits" in KNOWN_RECIPES["blockwise-int8"].method["tool"]
@@ -206,6 +206,9 @@ def test_blockwise_int8_is_quantised_and_close_to_fp32(blockwise_model):
     kinds = [n.op_type for n in graph.node]
     # Every weight matrix of the encoder (6 layers x 6) is int8; the head's Gemm is not.
     assert kinds.count("MatMulNBits") == 36 and "Gemm" in kinds
+    largest = max(graph.initializer, key=lambda i: int(np.prod(i.dims)))
+    assert list(largest.dims) == [30522, 384]  # the token embedding table, in int8
+    assert largest.data_type == onnx.TensorProto.INT8
     assert {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute
             if a.name in ("bits", "accuracy_level")} == {8, 4}
     test = read_jsonl(blockwise_model / "data" / "test.jsonl")
