@@ -203,12 +203,13 @@ def test_blockwise_int8_is_quantised_and_close_to_fp32(blockwise_model):
     import onnx
 
     graph = onnx.load(str(blockwise_model / "blockwise.onnx")).graph
-    kinds = [n.op_type for n in graph.node]
-    # Every weight matrix of the encoder (6 layers x 6) is int8; the head's Gemm is not.
-    assert kinds.count("MatMulNBits") == 36 and "Gemm" in kinds
+    # Every weight matrix of the encoder (6 layers x 6) is int8, and nothing else: the head
+    # stays fp32.
+    blockwise = [n.name for n in graph.node if n.op_type == "MatMulNBits"]
+    assert len(blockwise) == 36 and all(name.startswith("/encoder/layer.") for name in blockwise)
     largest = max(graph.initializer, key=lambda i: int(np.prod(i.dims)))
-    assert list(largest.dims) == [30522, 384]  # the token embedding table, in int8
-    assert largest.data_type == onnx.TensorProto.INT8
+    assert list(largest.dims) == [30522, 384]  # the token embedding table, in 8 bits
+    assert largest.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
     assert {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute
             if a.name in ("bits", "accuracy_level")} == {8, 4}
     test = read_jsonl(blockwise_model / "data" / "test.jsonl")

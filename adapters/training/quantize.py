@@ -81,7 +81,7 @@ class Int8Recipe:
                 "tool": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer",
                 "weights": f"int8, symmetric, blocks of {BLOCK_SIZE} along the input dimension",
                 "operators": ["MatMul"],
-                "embeddings": ("int8 per tensor (quantize_dynamic on Gather)"
+                "embeddings": ("8-bit per tensor (quantize_dynamic on Gather)"
                                if self.int8_embeddings else "fp32"),
                 "activations": f"int8 per row and block at run time (MatMulNBits accuracy_level "
                                f"{ACCURACY_LEVEL})",
