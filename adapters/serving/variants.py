@@ -2,9 +2,10 @@
 
 Every version exported since issue 11 holds two ONNX files with the same inputs and outputs:
 ``model.onnx`` (fp32) and ``model.int8.onnx`` (the same encoder with int8 weights and int8
-compute, the head left in fp32; :mod:`adapters.training.quantize` says how it is made). Quantisation moves the embeddings a little, so training measures
-the int8 model against the fp32 one on the version's test split and records that *check* in the
-manifest (``int8.check``). Serving then picks a variant from the ``REFIT_MODEL_PRECISION`` setting:
+compute, the head left in fp32; :mod:`adapters.training.quantize` says how it is made).
+Quantisation moves the embeddings a little, so training measures the int8 model against the fp32
+one on the version's test split and records that *check* in the manifest (``int8.check``).
+Serving then picks a variant from the ``REFIT_MODEL_PRECISION`` setting:
 
 * ``fp32`` (the default): always the fp32 model;
 * ``int8``: the int8 model whenever the version has one, whatever its check says;
