@@ -11,6 +11,9 @@ rounds, so a change in a shared machine's load hits both alike:
   every label's score and a prediction id, written to the prediction log).
 - ``refit-v2``: ``POST /v2/models/refit/infer`` on refit with a JSON ``BYTES`` tensor.
 - ``mlserver``: the very same v2 body to MLServer's ``/v2/models/refit/infer``.
+- ``refit-nowait`` (opt-in, ``--modes``): ``POST /predict`` on a second refit server started with
+  ``REFIT_BATCH_MAX_WAIT_MS=0``, the batcher as it was before it could wait for a fuller batch
+  (a before/after in the same run).
 
 Figures are medians over rounds: req/s, p50, p99 and CPU seconds of each server's process tree
 per prediction (bench/common.py), and their ratios.
@@ -47,9 +50,9 @@ from bench.common import (  # noqa: E402
     save,
     write_bodies,
 )
-from bench.serve_load import serve_refit, stop, wait_ready  # noqa: E402
+from bench.serve_load import serve_refit, stop, wait_ready, wait_settled  # noqa: E402
 
-REFIT_PORT, MLSERVER_PORT = 3320, 3330
+REFIT_PORT, MLSERVER_PORT, NOWAIT_PORT = 3320, 3330, 3321
 INFER = "/v2/models/refit/infer"
 # uvloop 0.22+ raises in MLServer 1.7.1's workers (asyncio.get_event_loop() with no loop).
 MLSERVER_PACKAGES = ["mlserver==1.7.1", "uvloop<0.22", "onnxruntime", "tokenizers", "numpy"]
@@ -156,11 +159,21 @@ def main() -> None:
     infer_bodies = v2_bodies(texts, workdir / "v2.txt")
     refit_url, mlserver_url = (f"http://127.0.0.1:{p}" for p in (REFIT_PORT, MLSERVER_PORT))
 
-    refit = serve_refit(args.version_dir, workdir, REFIT_PORT)
+    refit = serve_refit(args.version_dir, workdir / "refit", REFIT_PORT)
+    nowait = (
+        serve_refit(args.version_dir, workdir / "nowait", NOWAIT_PORT,
+                    env={"REFIT_BATCH_MAX_WAIT_MS": "0"})
+        if "refit-nowait" in modes else None
+    )
+    nowait_url = f"http://127.0.0.1:{NOWAIT_PORT}"
     peer = serve_mlserver(executable, args.version_dir, workdir, MLSERVER_PORT,
                           args.max_batch_size, args.max_batch_time, args.parallel_workers)
     try:
         wait_ready(refit_url)
+        wait_settled(refit.pid)
+        if nowait is not None:
+            wait_ready(nowait_url)
+            wait_settled(nowait.pid)
         wait_mlserver(mlserver_url)
         one = orjson.dumps(
             {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [texts[0]]}]}
@@ -175,6 +188,9 @@ def main() -> None:
         def run(mode: str, concurrency: int, seconds: int) -> LoadResult:
             if mode == "refit":
                 return run_wrk(refit_url, concurrency, seconds, predict_bodies, refit.pid)
+            if mode == "refit-nowait":
+                assert nowait is not None
+                return run_wrk(nowait_url, concurrency, seconds, predict_bodies, nowait.pid)
             url, pid = (refit_url, refit.pid) if mode == "refit-v2" else (mlserver_url, peer.pid)
             return run_wrk(url, concurrency, seconds, infer_bodies, pid,
                            script=ROOT / "bench" / "bodies.lua",
@@ -200,6 +216,8 @@ def main() -> None:
                     )
     finally:
         stop(refit)
+        if nowait is not None:
+            stop(nowait)
         stop(peer)
 
     def med(mode: str, c: int, field: str) -> float:

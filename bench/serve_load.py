@@ -6,6 +6,9 @@
 2. refit: `bentoml serve` (2 workers), closed-loop load from wrk (one text per request) at each
    concurrency: throughput, p50/p95/p99, errors, CPU seconds of the server's process tree per
    prediction, resident memory per worker.
+   With ``--compare-env``, a second refit server with those settings runs beside the first and
+   each concurrency loads one then the other (order alternating): a before/after in one run
+   (e.g. ``--compare-env REFIT_BATCH_MAX_WAIT_MS=0``, the batcher that never waits).
 3. The same model in PyTorch eager behind Starlette/uvicorn (bench/torch_server.py), same load.
 
     .venv/bin/python bench/serve_load.py --version-dir REGISTRY/versions/v1 [--seconds 20]
@@ -89,20 +92,59 @@ def wait_ready(url: str, timeout: float = 180) -> None:
     raise TimeoutError(url)
 
 
+def wait_settled(root: int, timeout: float = 180) -> None:
+    """Wait until the server's drift job (a process of its own, started with the workers) has
+    finished starting up and its first run: otherwise its start-up CPU lands in the first
+    measurements. It then runs once per ``REFIT_DRIFT_INTERVAL_S`` (an hour here)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        jobs = [p for p in tree_pids(root) if b"monitoring.drift_job" in _cmdline(p)]
+        if not jobs and time.monotonic() - started > 30:
+            return  # no drift job in this server's tree
+        before = sum(_cpu(p) for p in jobs)
+        time.sleep(1.0)
+        if jobs and sum(_cpu(p) for p in jobs) - before < 0.05:
+            return
+    print("  (the drift job did not settle; measuring anyway)", file=sys.stderr)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _cpu(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def load_series(url: str, pid: int, bodies: Path, seconds: int, label: str) -> list[LoadResult]:
-    # Warm-up run, not recorded.
-    run_wrk(url, 8, 3, bodies, pid)
-    results = []
-    for concurrency in CONCURRENCY:
-        result = run_wrk(url, concurrency, seconds, bodies, pid)
-        results.append(result)
-        print(
-            f"  {label} c={concurrency:>2}: {result.throughput:6.1f} req/s  "
-            f"p50 {result.p50_ms:6.1f}  p95 {result.p95_ms:6.1f}  p99 {result.p99_ms:6.1f} ms  "
-            f"p99/p50 {result.p99_over_p50:.2f}  "
-            f"errors {result.errors}  {result.cpu_ms_per_prediction:.2f} ms CPU/prediction",
-            file=sys.stderr,
-        )
+    return load_series_interleaved([(label, url, pid)], bodies, seconds)[label]
+
+
+def load_series_interleaved(
+    servers: list[tuple[str, str, int]], bodies: Path, seconds: int
+) -> dict[str, list[LoadResult]]:
+    """Each concurrency on every server in turn (order reversed at every other concurrency)."""
+    for _label, url, pid in servers:  # warm-up runs, not recorded
+        run_wrk(url, 8, 3, bodies, pid)
+    results: dict[str, list[LoadResult]] = {label: [] for label, _u, _p in servers}
+    for step, concurrency in enumerate(CONCURRENCY):
+        for label, url, pid in servers if step % 2 == 0 else servers[::-1]:
+            result = run_wrk(url, concurrency, seconds, bodies, pid)
+            results[label].append(result)
+            print(
+                f"  {label} c={concurrency:>2}: {result.throughput:6.1f} req/s  "
+                f"p50 {result.p50_ms:6.1f}  p95 {result.p95_ms:6.1f}  p99 {result.p99_ms:6.1f} "
+                f"ms  p99/p50 {result.p99_over_p50:.2f}  errors {result.errors}  "
+                f"{result.cpu_ms_per_prediction:.2f} ms CPU/prediction",
+                file=sys.stderr,
+            )
     return results
 
 
@@ -164,9 +206,12 @@ def main() -> None:
     parser.add_argument("--skip-raw", action="store_true")
     parser.add_argument("--env", action="append", default=[], metavar="REFIT_X=VALUE",
                         help="a setting for the refit server (repeatable)")
+    parser.add_argument("--compare-env", action="append", default=[], metavar="REFIT_X=VALUE",
+                        help="settings of a second refit server measured beside the first")
     parser.add_argument("--save-as", default="serve_load")
     args = parser.parse_args()
     server_env = dict(item.split("=", 1) for item in args.env)
+    compare_env = dict(item.split("=", 1) for item in args.compare_env)
     shared = require_shared()
     texts = read_texts(shared / "banking77" / "test.jsonl")
     random.Random(0).shuffle(texts)
@@ -181,10 +226,21 @@ def main() -> None:
         )
 
     print("refit: bentoml serve, 2 workers", file=sys.stderr)
-    server = serve_refit(args.version_dir, workdir, 3300, env=server_env)
+    server = serve_refit(args.version_dir, workdir / "refit", 3300, env=server_env)
+    other = (
+        serve_refit(args.version_dir, workdir / "compare", 3302, env=server_env | compare_env)
+        if compare_env else None
+    )
+    compared: list[LoadResult] = []
     try:
-        wait_ready("http://127.0.0.1:3300")
-        refit = load_series("http://127.0.0.1:3300", server.pid, bodies, args.seconds, "refit")
+        servers = [("refit", "http://127.0.0.1:3300", server.pid)]
+        if other is not None:
+            servers.append(("refit-compare", "http://127.0.0.1:3302", other.pid))
+        for _label, url, pid in servers:
+            wait_ready(url)
+            wait_settled(pid)
+        series = load_series_interleaved(servers, bodies, args.seconds)
+        refit, compared = series["refit"], series.get("refit-compare", [])
         workers = [
             p
             for p in tree_pids(server.pid)
@@ -193,6 +249,8 @@ def main() -> None:
         memory = {str(p): round(rss_mb(p), 1) for p in workers}
     finally:
         stop(server)
+        if other is not None:
+            stop(other)
 
     torch_results: list[LoadResult] = []
     if not args.skip_torch:
@@ -208,6 +266,9 @@ def main() -> None:
 
     at32 = next(r for r in refit if r.concurrency == 32)
     summary: dict = {"server_env": server_env}
+    if compared:
+        other32 = next(r for r in compared if r.concurrency == 32)
+        summary |= {"compare_env": compare_env, "compare_c32": other32.__dict__}
     if raw:
         naive32 = next(
             r for r in raw if r["threads"] == 1 and r["batch"] == 32 and r["mode"] == "naive"
@@ -226,6 +287,10 @@ def main() -> None:
             "cpu_ratio_vs_raw_batch32_planned": at32.cpu_ms_per_prediction
             / planned32["cpu_ms_per_item"],
         }
+        if compared:
+            summary["compare_cpu_ratio_vs_raw_batch32_planned"] = (
+                other32.cpu_ms_per_prediction / planned32["cpu_ms_per_item"]
+            )
     summary |= {
         "throughput_ratio_vs_torch_c32": (
             at32.throughput / next(r for r in torch_results if r.concurrency == 32).throughput
@@ -237,7 +302,9 @@ def main() -> None:
         "worker_rss_mb": memory,
     }
     path = save(
-        args.save_as, {"raw_onnx": raw, "refit": refit, "torch": torch_results, "summary": summary}
+        args.save_as,
+        {"raw_onnx": raw, "refit": refit, "refit_compare": compared, "torch": torch_results,
+         "summary": summary},
     )
     print("\n" + "\n".join(f"{k}: {v}" for k, v in summary.items()))
     print(f"results: {path}")

@@ -75,6 +75,11 @@ class RefitSettings(BaseSettings):
     (its versions are the registry's, ``v1``, ``v2``, ...)."""
     batch_max_size: int = Field(64, ge=2, le=1024)
     """Most texts the adaptive batcher puts into one inference call."""
+    batch_max_wait_ms: float = Field(20.0, ge=0, le=1000)
+    """Under load, how long a free inference thread may wait for a fuller batch: until as many
+    texts are queued as were in play when the last batch ended, for at most a quarter of the last
+    batch's run time and at most this long (0: never wait). A lone client is never kept waiting.
+    Small batches cost more CPU per text (see service/batching.py)."""
     keepalive_requests: int = Field(100, ge=0)
     """Requests served on one keep-alive connection before the service asks the client to
     reconnect (0: never). Workers share one listening socket and a connection stays with the

@@ -275,8 +275,10 @@ class Api:
         return await read_json(request, model, self.settings.max_body_bytes)
 
     async def predict(self, request: Request) -> Response:
-        body = await self.body(request, PredictRequest)
-        return json_response(PredictResponse.from_batch(await self.plane.predict(body.texts)))
+        with self.plane.batcher.arriving():  # a batch about to start may wait for this request
+            body = await self.body(request, PredictRequest)
+            batch = await self.plane.predict(body.texts)
+        return json_response(PredictResponse.from_batch(batch))
 
     async def feedback(self, request: Request) -> Response:
         body = await self.body(request, FeedbackRequest)
@@ -386,12 +388,14 @@ class Api:
 
     async def v2_infer(self, request: Request) -> Response:
         path = request.path_params
-        body = await read_body(request, self.settings.max_body_bytes)
         headers = request.headers
-        return protocol_reply(await self.v2.infer(
-            path["model_name"], path.get("model_version"), body,
-            headers.get(inference_protocol.HEADER_LENGTH), headers.get("content-encoding"),
-        ))
+        with self.plane.batcher.arriving():  # a batch about to start may wait for this request
+            body = await read_body(request, self.settings.max_body_bytes)
+            reply = await self.v2.infer(
+                path["model_name"], path.get("model_version"), body,
+                headers.get(inference_protocol.HEADER_LENGTH), headers.get("content-encoding"),
+            )
+        return protocol_reply(reply)
 
     async def docs(self, request: Request) -> Response:
         return Response(DOCS_PAGE, media_type="text/html; charset=utf-8",

@@ -71,6 +71,7 @@ def build_data_plane(settings: RefitSettings, *, run_drift_job: bool = True) -> 
         max_batch_size=settings.batch_max_size,
         max_queued=max(1024, settings.batch_max_size * 32),
         concurrency=settings.inference_threads,
+        max_wait_s=settings.batch_max_wait_ms / 1000,
     )
     return DataPlane(
         settings=settings,

@@ -244,10 +244,40 @@ def test_one_drift_job_in_the_cluster_and_the_same_drift_on_every_replica(cluste
     assert len(reports[0].content) > 10_000
 
 
+class SwapWatch:
+    """Polls every worker's version from the moment a retrain starts, so the time every worker
+    serves a new version is observed when it happens, not after the job's end is noticed."""
+
+    def __init__(self, replicas: list[ServiceProcess], before: str) -> None:
+        self.replicas, self.before = replicas, before
+        self.seen: dict[str, float] = {}  # version -> first time every worker served it
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            try:
+                seen = [serving_versions(r) for r in self.replicas]
+            except httpx.HTTPError:
+                continue
+            versions = {v for workers in seen for v in workers.values()}
+            if all(seen) and len(versions) == 1 and (v := versions.pop()) != self.before:
+                self.seen.setdefault(v, time.time())
+
+    def __enter__(self) -> SwapWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
 def test_a_retrain_reaches_both_replicas_within_5s_and_no_request_fails(cluster):
     a = cluster.replicas["a"]
     before = cluster.registry.pointer().version
-    with Load(cluster.balancer.url) as load, a.client(timeout=60) as c:
+    with (Load(cluster.balancer.url) as load, a.client(timeout=60) as c,
+          SwapWatch(list(cluster.replicas.values()), before) as watch):
         assert c.post("/feedback", json=FEEDBACK).status_code == 200
         job = retrain(c)
         assert job["phase"] == "done" and job["result"]["promoted"], job
@@ -255,14 +285,8 @@ def test_a_retrain_reaches_both_replicas_within_5s_and_no_request_fails(cluster)
         pointer = cluster.registry.pointer()
         assert pointer.version == version != before
         promoted_at = datetime.fromisoformat(pointer.promoted_at).timestamp()
-
-        def everywhere() -> float | None:
-            seen = [serving_versions(r) for r in cluster.replicas.values()]
-            if all(workers and set(workers.values()) == {version} for workers in seen):
-                return time.time()
-            return None
-
-        converged = wait_for(everywhere, 30, 0.1, f"every worker of both replicas on {version}")
+        converged = wait_for(lambda: watch.seen.get(version), 30, 0.1,
+                             f"every worker of both replicas on {version}")
         time.sleep(2)  # keep the load on a little after the swap
     print(f"\nboth replicas on {version} {converged - promoted_at:.2f}s after the promotion; "
           f"{load.answered} requests through the balancer, {len(load.failures)} failed")

@@ -76,3 +76,54 @@ def test_parity_failure_blocks_registration(tmp_path, monkeypatch, demo_data_pat
     assert registry.list_versions() == []
     assert registry.pointer() is None
     assert list(registry.staging_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("hidden", [0, 32])
+def test_composing_a_new_head_keeps_only_the_encoder_of_the_earlier_graph(
+    tmp_path, encoder_and_head, hidden
+):
+    """A head-only retrain composes its head onto its parent's graph, which may itself be a
+    composition (a chain of retrains): the encoder part is reused unchanged, the parent's head is
+    dropped entirely, and the result passes the parity check; a wrong head weight fails it."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from adapters.training.export import check_head_parity, compose_with_encoder
+
+    encoder, first, tokenizer = encoder_and_head
+    whole = tmp_path / "v1.onnx"
+    export_onnx(encoder, first, tokenizer, whole)
+    torch.manual_seed(hidden + 1)
+    heads = [ClassifierHead(384, 7, hidden_size=hidden, dropout=0.1).eval() for _ in range(2)]
+    with torch.no_grad():
+        for head in heads:
+            head.center.normal_(std=0.05)
+            head.scale.uniform_(0.5, 2.0)
+    v2, v3 = tmp_path / "v2.onnx", tmp_path / "v3.onnx"
+    compose_with_encoder(whole, heads[0], v2)
+    compose_with_encoder(v2, heads[1], v3)
+    texts = ["where is my parcel", "cancel it please"]
+    for path, head in ((v2, heads[0]), (v3, heads[1])):
+        assert check_head_parity(head, tokenizer, path, texts)["max_abs_diff_probabilities"] <= 1e-4
+    graphs = {path: onnx.load(str(path)).graph for path in (whole, v2, v3)}
+    assert [o.name for o in graphs[v3].output] == ["probabilities", "embedding"]
+    # v3 is v2 with another head of the same shape: the same nodes and initializers, no leftovers.
+    assert len(graphs[v3].node) == len(graphs[v2].node)
+    assert sorted(t.name for t in graphs[v3].initializer) == \
+        sorted(t.name for t in graphs[v2].initializer)
+    assert not any(t.name.startswith("head.") for t in graphs[v2].initializer)  # v1's head
+    ids, mask = tokenizer.encode(texts)
+    embeddings = [
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+            ["embedding"], {"input_ids": ids, "attention_mask": mask})[0]
+        for path in (whole, v3)
+    ]
+    np.testing.assert_array_equal(embeddings[0], embeddings[1])
+    model = onnx.load(str(v3))
+    target = next(t for t in model.graph.initializer
+                  if t.name.startswith("head/") and 7 in list(t.dims) and len(t.dims) == 2)
+    target.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(target) * 3.0, target.name))
+    onnx.save(model, str(v3))
+    with pytest.raises(ExportParityError, match="does not match the PyTorch head"):
+        check_head_parity(heads[1], tokenizer, v3, texts)

@@ -380,3 +380,54 @@ def test_the_default_serves_fp32_and_shows_the_int8_check(
             assert body["versions"][0]["precision"] == "fp32"
     finally:
         service.stop()
+
+
+def test_a_head_only_childs_check_from_its_parents_int8_run_is_the_full_check(
+    trained_registry, tmp_path
+):
+    """A retrain runs its parent's int8 model over the test texts while the new head trains, and
+    applies the head to those embeddings afterwards: the check it records is the one running the
+    composed int8 file gives. A composed file whose encoder is not the parent's int8 one is
+    refused."""
+    import torch
+
+    from adapters.serving.tokenization import TextTokenizer
+    from adapters.training.export import compose_with_encoder
+    from adapters.training.head import head_probabilities
+    from adapters.training.pipeline import version_head
+    from adapters.training.quantize import BackgroundEncoding, Probe, check_int8
+    from refit.errors import ExportParityError
+
+    parent = trained_registry.current()
+    assert parent.int8_path is not None
+    test = read_jsonl(parent.path / "data" / "test.jsonl")
+    head = version_head(parent)
+    with torch.no_grad():  # a new head, as a retrain makes
+        last = head.net[-1]
+        noise = torch.randn(last.weight.shape, generator=torch.Generator().manual_seed(0))
+        last.weight.add_(0.3 * noise)
+    child = tmp_path / "child"
+    child.mkdir()
+    shutil.copy(parent.path / "tokenizer.json", child / "tokenizer.json")
+    compose_with_encoder(parent.int8_path, head, child / INT8_FILE)
+    max_length = parent.manifest["encoder"]["max_seq_length"]
+    manifest = {"version": "child", "labels": parent.labels,
+                "encoder": {"max_seq_length": max_length}}
+    index = {label: i for i, label in enumerate(parent.labels)}
+    fp32_embeddings = OnnxClassifier(parent.path).predict(test.texts).embeddings
+    probe = Probe(test.texts, np.array([index[label] for label in test.labels]),
+                  head_probabilities(head, fp32_embeddings).argmax(axis=1))
+    tokenizer = TextTokenizer(parent.path / "tokenizer.json", max_length)
+
+    encoding = BackgroundEncoding(parent.path, parent.manifest, test.texts)
+    full = check_int8(child, manifest, probe, Int8Gate())
+    fast = check_int8(child, manifest, probe, Int8Gate(), encoding(), head, tokenizer)
+    for key in ("examples", "agreement", "fp32_accuracy", "int8_accuracy", "accuracy_drop",
+                "disagreements", "passed", "reason"):
+        assert fast[key] == full[key], key
+    assert fast["encoder_run"]["from"] == f"{parent.name}/{INT8_FILE}"
+    assert fast["encoder_run"]["composed_file_parity"]["max_abs_diff_embedding"] <= 1e-6
+
+    compose_with_encoder(parent.onnx_path, head, child / INT8_FILE)  # the fp32 encoder instead
+    with pytest.raises(ExportParityError, match="encoder does not match"):
+        check_int8(child, manifest, probe, Int8Gate(), encoding(), head, tokenizer)

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -96,9 +98,16 @@ def _run_parity_batch(
     """The fixed parity batch (probes plus up to 26 of ``texts``) through the ONNX file."""
     import onnxruntime as ort
 
-    batch = list(PARITY_PROBES) + list(texts)[:26]
+    batch = parity_batch(texts)
     ids, mask = tokenizer.encode(batch)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    # One batch of 32: one thread that does not spin, so the check costs a busy machine no more
+    # CPU than it needs (thread count does not change what is compared).
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     got_p, got_e = session.run(list(OUTPUT_NAMES), {"input_ids": ids, "attention_mask": mask})
     return batch, ids, mask, got_p, got_e
 
@@ -144,38 +153,136 @@ def compose_with_encoder(encoder_onnx: Path, head: ClassifierHead, path: Path) -
     """A new version's graph from an existing version's encoder graph and a new head.
 
     Head-only retraining leaves the encoder as it is, so its graph (already checked against
-    PyTorch when that version was exported) is reused as is; only the small head is exported.
-    This saves loading the encoder in PyTorch and exporting it again.
+    PyTorch when that version was exported) is reused as is; only the small head is new. This
+    saves loading the encoder in PyTorch and exporting it again.
+
+    The earlier version's graph is cut down to what computes ``embedding`` (its own head
+    dropped), and the new head's nodes are appended under the ``head/`` prefix. A linear head is
+    written as ONNX nodes directly (no exporter to import or run); an MLP head is exported with
+    ``torch.onnx``. Nothing else is run over the large encoder graph (no shape inference, no
+    copy by ``onnx.compose``): the caller's parity check runs the result in onnxruntime.
     """
     import onnx
-    from onnx import compose, utils
 
+    model = onnx.load(str(encoder_onnx))
+    graph = model.graph
+    _keep_only_embedding(graph)
+    nodes, initializers = _head_nodes(head)
+    graph.node.extend(nodes)
+    graph.initializer.extend(initializers)
+    embedding = next(o for o in graph.output if o.name == "embedding")
+    probabilities = onnx.helper.make_tensor_value_info(
+        "probabilities", onnx.TensorProto.FLOAT, ["batch", head.num_classes]
+    )
+    del graph.output[:]
+    graph.output.extend([probabilities, embedding])
+    onnx.save(model, str(path))
+
+
+def _subgraph_inputs(node: Any) -> set[str]:
+    """Names a control-flow node's subgraphs read from the enclosing graph (over-approximated:
+    every input of every node inside)."""
+    names: set[str] = set()
+    for attribute in node.attribute:
+        graphs = [attribute.g] if attribute.HasField("g") else []
+        for sub in [*graphs, *attribute.graphs]:
+            for inner in sub.node:
+                names.update(inner.input)
+                names |= _subgraph_inputs(inner)
+    return names
+
+
+def _keep_only_embedding(graph: Any) -> None:
+    """Remove from ``graph`` every node, initializer and value info that ``embedding`` does not
+    depend on; the graph's only output becomes ``embedding``."""
+    producer = {name: index for index, node in enumerate(graph.node) for name in node.output}
+    keep: set[int] = set()
+    pending = ["embedding"]
+    while pending:
+        index = producer.get(pending.pop())
+        if index is None or index in keep:
+            continue
+        keep.add(index)
+        node = graph.node[index]
+        pending.extend(name for name in node.input if name)
+        pending.extend(_subgraph_inputs(node))
+    if "embedding" not in producer:
+        raise ValueError("the encoder graph has no 'embedding' output to attach a head to")
+    kept = [node for index, node in enumerate(graph.node) if index in keep]
+    used = {name for node in kept for name in node.input} | {"embedding"}
+    for node in kept:
+        used |= _subgraph_inputs(node)
+    kept_initializers = [t for t in graph.initializer if t.name in used]
+    kept_info = [v for v in graph.value_info if v.name in used]
+    del graph.node[:]
+    graph.node.extend(kept)
+    del graph.initializer[:]
+    graph.initializer.extend(kept_initializers)
+    del graph.value_info[:]
+    graph.value_info.extend(kept_info)
+    outputs = [o for o in graph.output if o.name == "embedding"]
+    del graph.output[:]
+    graph.output.extend(outputs)
+
+
+def _head_nodes(head: ClassifierHead) -> tuple[list[Any], list[Any]]:
+    """The head as ONNX nodes reading ``embedding`` and writing ``probabilities``, with their
+    initializers, every other name under ``head/``."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    head = head.eval()
+    linear = [module for module in head.net if isinstance(module, nn.Linear)]
+    if len(linear) == 1:
+        weights = linear[0]
+        arrays = {
+            "head/center": head.center.detach().numpy(),
+            "head/scale": head.scale.detach().numpy(),
+            "head/weight": weights.weight.detach().numpy(),
+            "head/bias": weights.bias.detach().numpy(),
+        }
+        nodes = [
+            helper.make_node("Sub", ["embedding", "head/center"], ["head/centred"],
+                             name="head/Sub"),
+            helper.make_node("Div", ["head/centred", "head/scale"], ["head/scaled"],
+                             name="head/Div"),
+            helper.make_node("Gemm", ["head/scaled", "head/weight", "head/bias"],
+                             ["head/logits"], name="head/Gemm", transB=1),
+            helper.make_node("Softmax", ["head/logits"], ["probabilities"], name="head/Softmax",
+                             axis=-1),
+        ]
+        return nodes, [numpy_helper.from_array(np.ascontiguousarray(value, dtype=np.float32),
+                                               name) for name, value in arrays.items()]
+    # An MLP head: exported by torch (GELU and all), then renamed under the prefix.
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            _HeadGraph(head).eval(),
+            _HeadGraph(head),
             (torch.zeros(2, head.center.shape[0]),),
             buffer,  # type: ignore[arg-type]  # stubs omit the file objects the exporter accepts
             input_names=["embedding"], output_names=["probabilities"],
             dynamic_axes={"embedding": {0: "batch"}, "probabilities": {0: "batch"}},
             opset_version=OPSET, do_constant_folding=True, dynamo=False,
         )
-    head_model = compose.add_prefix(onnx.load_from_string(buffer.getvalue()), "head/")
-    encoder = utils.Extractor(onnx.load(str(encoder_onnx))).extract_model(
-        list(INPUT_NAMES), ["embedding"]
-    )
-    head_model.ir_version = encoder.ir_version
-    merged = compose.merge_models(
-        encoder, head_model, io_map=[("embedding", "head/embedding")],
-        outputs=["head/probabilities", "embedding"],
-    )
-    for node in merged.graph.node:
-        node.output[:] = ["probabilities" if o == "head/probabilities" else o for o in node.output]
-    for output in merged.graph.output:
-        if output.name == "head/probabilities":
-            output.name = "probabilities"
-    onnx.save(merged, str(path))
+    exported = onnx.load_from_string(buffer.getvalue()).graph
+    keep = {"embedding", "probabilities"}
+
+    def renamed(name: str) -> str:
+        return name if name in keep or not name else f"head/{name}"
+
+    for node in exported.node:
+        node.input[:] = [renamed(name) for name in node.input]
+        node.output[:] = [renamed(name) for name in node.output]
+        node.name = renamed(node.name)
+    for tensor in exported.initializer:
+        tensor.name = renamed(tensor.name)
+    return list(exported.node), list(exported.initializer)
+
+
+def parity_batch(texts: Sequence[str] = ()) -> list[str]:
+    """The texts every parity check runs: the fixed probes, then up to 26 of ``texts``."""
+    return list(PARITY_PROBES) + list(texts)[:26]
 
 
 def check_head_parity(
@@ -184,9 +291,14 @@ def check_head_parity(
     path: Path,
     texts: Sequence[str] = (),
     tolerance: float = PARITY_TOLERANCE,
+    encoder_embeddings: np.ndarray | None = None,
 ) -> dict[str, float | str]:
     """Parity of a composed graph: its probabilities against the PyTorch head applied to the
-    embeddings its (reused, already verified) encoder part computes."""
+    embeddings its (reused, already verified) encoder part computes.
+
+    With ``encoder_embeddings`` (what the graph the encoder came from computes on
+    :func:`parity_batch` of ``texts``), the composed graph's embeddings must match them too.
+    """
     batch, _, _, got_p, got_e = _run_parity_batch(path, tokenizer, texts)
     with torch.inference_mode():
         expected = torch.softmax(head.eval()(torch.from_numpy(got_e)), dim=-1).numpy()
@@ -196,5 +308,17 @@ def check_head_parity(
             f"composed ONNX model does not match the PyTorch head: max |Δ probability| = "
             f"{diff:.3g} > {tolerance:g}; the version was not registered"
         )
-    return {"max_abs_diff_probabilities": diff, "batch": len(batch), "tolerance": tolerance,
-            "reference": "PyTorch head on the reused encoder graph's embeddings"}
+    record: dict[str, float | str] = {
+        "max_abs_diff_probabilities": diff, "batch": len(batch), "tolerance": tolerance,
+        "reference": "PyTorch head on the reused encoder graph's embeddings",
+    }
+    if encoder_embeddings is not None:
+        diff_e = float(np.abs(got_e - encoder_embeddings).max()) \
+            if got_e.shape == encoder_embeddings.shape else math.inf
+        if not diff_e <= tolerance:
+            raise ExportParityError(
+                f"composed ONNX model's encoder does not match the graph it was taken from: "
+                f"max |Δ embedding| = {diff_e:.3g} > {tolerance:g}; the version was not registered"
+            )
+        record["max_abs_diff_embedding"] = diff_e
+    return record

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from adapters.serving.evaluation import macro_f1
+from adapters.training.lbfgs import Lbfgs
 
 
 @dataclass(frozen=True)
@@ -300,33 +301,32 @@ def _fit_linear(
     penalty = 1.0 / (2.0 * config.c * n)
     coef = linear.weight.detach().clone().requires_grad_(True)
     bias = linear.bias.detach().clone().requires_grad_(True)
-    optimiser = torch.optim.LBFGS(
-        [coef, bias], lr=1.0, max_iter=LBFGS_BLOCK, history_size=20,
-        tolerance_grad=LBFGS_TOLERANCE, tolerance_change=1e-12, line_search_fn="strong_wolfe",
-    )
 
     def objective() -> torch.Tensor:
-        optimiser.zero_grad(set_to_none=True)
+        coef.grad = bias.grad = None
         losses = nn.functional.cross_entropy(x @ coef.T + bias, yt, reduction="none")
         value = (w_example * losses).sum() / n + penalty * (coef * coef).sum()
         value.backward()
         return value
 
+    # Not torch.optim.LBFGS: constructing it imports torch._dynamo (seconds of start-up in a
+    # retrain job); Lbfgs is the same algorithm and takes the same steps (see its module).
+    optimiser = Lbfgs([coef, bias], objective, tolerance_grad=LBFGS_TOLERANCE,
+                      tolerance_change=1e-12, history_size=20, lr=1.0)
     history: list[EpochReport] = []
     iterations = 0
     converged = False
     block = 0
     while iterations < config.max_iterations:
         block += 1
-        before = optimiser.state[optimiser._params[0]].get("n_iter", 0)
-        loss = float(optimiser.step(objective).detach())
-        ran = optimiser.state[optimiser._params[0]]["n_iter"] - before
+        loss, ran = optimiser.run(LBFGS_BLOCK)
         iterations += ran
         with torch.no_grad():
             linear.weight.copy_(coef)
             linear.bias.copy_(bias)
         history.append(validate(block, loss))
-        # After a step both have a gradient: the objective back-propagates into them.
+        # After a block both have a gradient (of the objective's last evaluation), as they had
+        # after torch.optim.LBFGS.step.
         coef_grad, bias_grad = cast(torch.Tensor, coef.grad), cast(torch.Tensor, bias.grad)
         gradient = max(float(coef_grad.abs().max()), float(bias_grad.abs().max()))
         if ran < LBFGS_BLOCK or gradient <= LBFGS_TOLERANCE:

@@ -22,7 +22,7 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -35,7 +35,7 @@ from adapters.serving.evaluation import classification_report
 from adapters.serving.registry import ModelRegistry, ModelVersion, utc_now
 from adapters.serving.tokenization import DEFAULT_MAX_SEQ_LENGTH, TextTokenizer
 from adapters.serving.variants import INT8_FILE, Int8Gate
-from adapters.training.calibration import calibrate_head
+from adapters.training.calibration import calibrate_head, fold_temperature
 from adapters.training.encoder import (
     ENCODER_NAME,
     ENCODER_PACKAGE,
@@ -65,7 +65,7 @@ from adapters.training.head import (
     train_head,
 )
 from adapters.training.quantize import METHOD as INT8_METHOD
-from adapters.training.quantize import Probe, check_int8, write_int8
+from adapters.training.quantize import EncodedTest, Probe, check_int8, write_int8
 from adapters.training.search import SearchOptions, choose_trial, search_head
 from adapters.training.unfreeze import UnfreezeConfig, gradual_unfreeze
 from refit.errors import DatasetError
@@ -577,6 +577,7 @@ def register_version(
     reporter: Reporter,
     started: float,
     int8_gate: Int8Gate | None = None,
+    int8_test: Callable[[], EncodedTest] | None = None,
 ) -> ModelVersion:
     """Export, check, evaluate and commit a version; returns it once visible in the registry.
 
@@ -585,7 +586,9 @@ def register_version(
     (:func:`compose_with_encoder`). With ``weights_from`` a parent's fine-tuned encoder weights are
     reused (hard-linked); with ``fine_tuned_layers > 0`` and no such folder they are saved anew.
     Every version also gets an int8 model, checked against fp32 on the test split under
-    ``int8_gate`` (:mod:`adapters.training.quantize`).
+    ``int8_gate`` (:mod:`adapters.training.quantize`). When that model is ``int8_from``'s encoder
+    with the new head, ``int8_test`` may give what that encoder computes on the test texts (a
+    retrain computes it while the head trains) for the check to use.
     """
     source, data = fitted.encoder, fitted.data
     splits, embeddings, labels = data.splits, data.embeddings, data.labels
@@ -623,33 +626,44 @@ def register_version(
         reporter.phase("evaluating", f"{len(splits.test)} held-out examples")
         metrics: dict[str, Any] = {}
         # What the served model answers on the held-out splits: the int8 model is compared with
-        # it, and the drift reference is made of it. Validation *metrics* come from a head that
-        # never trained on the validation split (the selection fit, when the served head was
-        # refitted on train + validation).
+        # it.
         probabilities = {name: head_probabilities(head, embeddings[name])
                          for name in ("validation", "test")}
-        scored_by = {"validation": fitted.validation_head, "test": head}
+        # What a model that never saw each split answers on it, calibrated as the served head
+        # is: the validation metrics and the drift reference are made of it (the served head is
+        # over-confident on the validation split it was refitted on).
+        unseen = dict(probabilities)
+        if fitted.selection_head is not None:
+            unseen["validation"] = head_probabilities(
+                fold_temperature(fitted.selection_head, calibration.temperature),
+                embeddings["validation"],
+            )
         for name in ("validation", "test"):
-            scored = (probabilities[name] if scored_by[name] is head
-                      else head_probabilities(scored_by[name], embeddings[name]))
-            metrics[name] = classification_report(data.y(name), scored.argmax(axis=1), labels)
+            metrics[name] = classification_report(
+                data.y(name), unseen[name].argmax(axis=1), labels
+            )
         reporter.phase("quantizing", "int8 model")
         int8_gate = int8_gate or Int8Gate()
         staged_manifest = {"version": "staged", "labels": labels,
                            "encoder": {"max_seq_length": tokenizer.max_length}}
         int8_path = staged.path / INT8_FILE
+        int8_from = source.int8_from if source.onnx_from is not None else None
         int8_build = write_int8(
-            staged.path, onnx_path.name, head,
-            source.int8_from if source.onnx_from is not None else None, staged_manifest,
+            staged.path, onnx_path.name, head, int8_from, staged_manifest,
             Probe(splits.validation.texts, data.y("validation"),
                   probabilities["validation"].argmax(axis=1)),
             int8_gate,
         )
         reporter.phase("evaluating", f"int8 model on {len(splits.test)} test examples")
+        encoded = None
+        if int8_test is not None and int8_from is not None and int8_from.is_file():
+            encoded = int8_test()
+            if encoded.int8_file != int8_from:
+                raise ValueError(f"int8 embeddings from {encoded.int8_file}, not {int8_from}")
         int8_check = check_int8(
             staged.path, staged_manifest,
             Probe(splits.test.texts, data.y("test"), probabilities["test"].argmax(axis=1)),
-            int8_gate,
+            int8_gate, encoded, head, tokenizer,
         )
 
         data_dir = staged.path / "data"
@@ -658,7 +672,7 @@ def register_version(
             (data_dir / f"{name}.jsonl").write_text(part.to_jsonl())
         halves = {name: embeddings[name].astype(np.float16) for name, _ in splits.items()}
         np.savez(data_dir / "embeddings.npz", **halves)  # type: ignore[arg-type]
-        _write_reference(staged.path / "reference.npz", splits, embeddings, probabilities)
+        _write_reference(staged.path / "reference.npz", splits, embeddings, unseen)
 
         encoder_folder = packaged_encoder_dir()
         package_hash = encoder_content_hash(encoder_folder)

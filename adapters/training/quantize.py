@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -43,9 +44,10 @@ from typing import Any, Literal
 import numpy as np
 
 from adapters.serving.runtime import OnnxClassifier
+from adapters.serving.tokenization import TextTokenizer
 from adapters.serving.variants import INT8_FILE, Int8Gate, VariantChoice, judge_int8
-from adapters.training.export import compose_with_encoder
-from adapters.training.head import ClassifierHead
+from adapters.training.export import check_head_parity, compose_with_encoder, parity_batch
+from adapters.training.head import ClassifierHead, head_probabilities
 
 OPERATORS = ["MatMul", "Gather"]
 BLOCK_SIZE = 32
@@ -191,7 +193,11 @@ def measure(
         folder, intra_op_threads=CHECK_THREADS,
         variant=VariantChoice("int8", file, None, "int8 check"), manifest=manifest,
     )
-    predicted = classifier.predict(list(probe.texts)).probabilities.argmax(axis=1)
+    return scores(classifier.predict(list(probe.texts)).probabilities.argmax(axis=1), probe)
+
+
+def scores(predicted: np.ndarray, probe: Probe) -> dict[str, Any]:
+    """Agreement of ``predicted`` (the int8 model's classes) with fp32, and both accuracies."""
     n = len(probe.truth)
     fp32_accuracy = float(np.mean(probe.fp32_predicted == probe.truth)) if n else 0.0
     int8_accuracy = float(np.mean(predicted == probe.truth)) if n else 0.0
@@ -203,6 +209,24 @@ def measure(
         "accuracy_drop": round(fp32_accuracy - int8_accuracy, 6),
         "disagreements": int(np.sum(predicted != probe.fp32_predicted)),
     }
+
+
+@dataclass(frozen=True)
+class EncodedTest:
+    """What a parent's int8 model computes on a head-only child's test texts, obtained before
+    the child's head exists (a retrain computes it while the head trains).
+
+    The child's int8 model is the parent's int8 encoder graph, unchanged, with the new head
+    attached (:func:`~adapters.training.export.compose_with_encoder`): on the same texts in the
+    same batches it computes these embeddings, so its predictions are the new head's on them.
+    """
+
+    int8_file: Path
+    """The parent's int8 model that computed them (the child's ``int8_from``)."""
+    embeddings: np.ndarray
+    """Of the test texts, batched as :meth:`OnnxClassifier.predict` batches them."""
+    parity_embeddings: np.ndarray
+    """Of :func:`~adapters.training.export.parity_batch` of the test texts, as one batch."""
 
 
 def write_int8(
@@ -269,20 +293,78 @@ def _parent_method(parent_int8: Path) -> dict[str, Any]:
     return {key: record[key] for key in ("recipe", "method") if key in record}
 
 
+class BackgroundEncoding:
+    """An :class:`EncodedTest` computed in a thread: the test texts through a version's int8
+    model, one onnxruntime thread, while the caller does other work (a retrain: train the head
+    that will be attached to that model's encoder). Calling it waits for the result.
+    """
+
+    def __init__(self, version_dir: Path, manifest: dict[str, Any], texts: Sequence[str]) -> None:
+        record = manifest["int8"]
+        self.int8_file = version_dir / record["file"]
+        self._variant = VariantChoice("int8", str(record["file"]), record.get("sha256"),
+                                      "the int8 check of a head-only child")
+        self._version_dir, self._manifest, self._texts = version_dir, manifest, list(texts)
+        self._result: EncodedTest | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="int8-test-encoding", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            classifier = OnnxClassifier(self._version_dir, intra_op_threads=1,
+                                        variant=self._variant, manifest=self._manifest)
+            embeddings = classifier.predict(self._texts).embeddings
+            _, parity = classifier.run_tokens(*classifier.tokenizer.encode(
+                parity_batch(self._texts)))
+            self._result = EncodedTest(self.int8_file, embeddings, parity)
+        except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
+            self._error = exc
+
+    def __call__(self) -> EncodedTest:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+
 def check_int8(
-    folder: Path, manifest: dict[str, Any], test: Probe, gate: Int8Gate
+    folder: Path, manifest: dict[str, Any], test: Probe, gate: Int8Gate,
+    encoded: EncodedTest | None = None, head: ClassifierHead | None = None,
+    tokenizer: TextTokenizer | None = None,
 ) -> dict[str, Any]:
     """Run the int8 model on the test split and compare it with the fp32 predictions.
 
     ``manifest`` needs ``version``, ``labels`` and ``encoder.max_seq_length`` (the version is
     still being written). Returns the check as the manifest records it, with the verdict under
     ``gate`` (serving judges again under the thresholds in effect there).
+
+    With ``encoded`` (the model is its parent's int8 encoder with ``head`` attached), the
+    encoder's part of the run is taken from it: the composed file is first checked on the parity
+    batch (its embeddings equal to the parent's, its probabilities to ``head``'s on them), then
+    ``head`` is applied to the test texts' embeddings.
     """
     started = time.perf_counter()
+    if encoded is not None:
+        if head is None or tokenizer is None:
+            raise ValueError("checking from a parent's embeddings needs the head and tokenizer")
+        if len(encoded.embeddings) != len(test.truth):
+            raise ValueError(f"{len(encoded.embeddings)} embeddings for {len(test.truth)} texts")
+        parity = check_head_parity(head, tokenizer, folder / INT8_FILE, test.texts,
+                                   encoder_embeddings=encoded.parity_embeddings)
+        predicted = head_probabilities(head, encoded.embeddings).argmax(axis=1)
+        measured = {**scores(predicted, test), "encoder_run": {
+            "from": f"{encoded.int8_file.parent.name}/{encoded.int8_file.name}",
+            "why": "the same int8 encoder graph, run on the test texts while the head trained",
+            "composed_file_parity": parity,
+        }}
+    else:
+        measured = measure(folder, INT8_FILE, manifest, test)
     check: dict[str, Any] = {
         "split": "test",
         "reference": "the fp32 predictions the version's test metrics are computed from",
-        **measure(folder, INT8_FILE, manifest, test),
+        **measured,
         "gate": {"min_agreement": gate.min_agreement,
                  "max_accuracy_drop": gate.max_accuracy_drop},
     }

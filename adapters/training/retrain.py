@@ -21,6 +21,9 @@ The job is a short sequence of steps (:func:`run_job`):
    from the champion's chosen configuration (or a new search, with ``search: "grid"``), with class
    weighting chosen on validation, warm-started from the champion's head, then fitted once more
    on train + validation for the head it serves (the gate's held-out items are never trained on).
+   Meanwhile, head-only, the champion's int8 model runs over the test texts in a thread: the
+   challenger's int8 model is that encoder with the new head, and its check needs those
+   embeddings (:class:`~adapters.training.quantize.BackgroundEncoding`).
 5. **Gate**: champion and challenger are judged on the same held-out items
    (:mod:`adapters.training.gate`).
 6. **Register** the version, either way, with the gate's decision in its manifest.
@@ -68,6 +71,7 @@ from adapters.training.pipeline import (
     version_encoder,
     version_head,
 )
+from adapters.training.quantize import BackgroundEncoding
 from adapters.training.search import SearchOptions
 from adapters.training.unfreeze import UnfreezeConfig
 from refit.errors import ConflictError, RefitError
@@ -436,6 +440,14 @@ def run_job(job_id: str, settings: RefitSettings, store: Store) -> dict[str, Any
     vectors = feedback_embeddings(items, champion, store, reporter)
     split = split_data(champion, items, vectors, settings, options.seed)
     recipe = retrain_recipe(champion, split.data.labels, options)
+    # Head-only, the challenger's int8 model will be the champion's int8 encoder with the new
+    # head: its run over the test texts (the int8 check's cost) needs no head, so it goes on
+    # the other core while the head trains on one.
+    int8_test = None
+    if options.unfreeze_layers == 0 and champion.int8_path is not None \
+            and champion.int8_path.is_file():
+        int8_test = BackgroundEncoding(champion.path, champion.manifest,
+                                       split.data.splits.test.texts)
     fitted = fit_head(
         split.data, recipe, champion_encoder(champion, options.unfreeze_layers), reporter
     )
@@ -466,6 +478,7 @@ def run_job(job_id: str, settings: RefitSettings, store: Store) -> dict[str, Any
         reporter,
         started,
         Int8Gate.from_settings(settings),
+        int8_test,
     )
     promoted = False
     if gate["promote"]:
