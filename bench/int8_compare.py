@@ -61,7 +61,9 @@ class _Reporter:
         pass
 
 
-def build_version(name: str, search: str, rebuild: bool, recipe_name: str | None = None):  # noqa: ANN201, E501
+def build_version(  # noqa: ANN201
+    name: str, search: str, rebuild: bool, recipe_name: str | None = None, store: Path = STORE
+):
     """The data set's version, trained by refit's pipeline from cached embeddings.
 
     ``recipe_name`` restricts the int8 export to that one quantisation recipe (to measure a recipe
@@ -85,7 +87,7 @@ def build_version(name: str, search: str, rebuild: bool, recipe_name: str | None
     from adapters.training.search import SearchOptions
     from bench.datasets import load
 
-    root = STORE / (f"{name}-{search}" + (f"-{recipe_name}" if recipe_name else ""))
+    root = store / (f"{name}-{search}" + (f"-{recipe_name}" if recipe_name else ""))
     if rebuild:
         shutil.rmtree(root, ignore_errors=True)
     registry = ModelRegistry(root)
@@ -108,7 +110,7 @@ def build_version(name: str, search: str, rebuild: bool, recipe_name: str | None
     fitted = fit_head(data, recipe, source, reporter)
     recipes = quantize.RECIPES
     if recipe_name is not None:
-        quantize.RECIPES = tuple(r for r in recipes if r.name == recipe_name)
+        quantize.RECIPES = (quantize.KNOWN_RECIPES[recipe_name],)
     try:
         version = register_version(
             registry, fitted, Provenance(data_source=f"bench/datasets.py {name}"), recipe.seed,
@@ -208,10 +210,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=15)
     parser.add_argument("--search", choices=["none", "grid"], default="none")
     parser.add_argument("--rebuild", action="store_true", help="train the versions again")
-    parser.add_argument("--recipe", choices=["all-int8", "ffn-output-fp32"], default=None,
+    from adapters.training.quantize import KNOWN_RECIPES
+
+    parser.add_argument("--recipe", choices=list(KNOWN_RECIPES), default=None,
                         help="build the int8 models with this quantisation recipe only "
                         "(default: chosen on validation, as refit train does)")
     parser.add_argument("--save-as", default="int8_compare")
+    parser.add_argument("--store", type=Path, default=STORE,
+                        help="where the trained versions are kept (default %(default)s)")
     parser.add_argument("--batch-dependence-only", action="store_true",
                         help="only measure how answers depend on batch-mates, then stop")
     args = parser.parse_args()
@@ -221,7 +227,7 @@ def main() -> None:
     versions = {}
     for name in DATASETS:
         log(f"model: {name}")
-        version = build_version(name, args.search, args.rebuild, args.recipe)
+        version = build_version(name, args.search, args.rebuild, args.recipe, args.store)
         versions[name] = version
         record = version.manifest["int8"]
         check = record["check"]

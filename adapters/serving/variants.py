@@ -1,19 +1,23 @@
 """Which of a version's model files a worker serves: the fp32 model or its int8 twin.
 
 Every version exported since issue 11 holds two ONNX files with the same inputs and outputs:
-``model.onnx`` (fp32) and ``model.int8.onnx`` (the same encoder with dynamically quantised int8
-weights, the head left in fp32). Quantisation moves the embeddings a little, so training measures
-the int8 model against the fp32 one on the version's test split and records that *check* in the
-manifest (``int8.check``). Serving then picks a variant from the ``REFIT_MODEL_PRECISION`` setting:
+``model.onnx`` (fp32) and ``model.int8.onnx`` (the same encoder with int8 weights and int8
+compute, the head left in fp32; :mod:`adapters.training.quantize` says how it is made).
+Quantisation moves the embeddings a little, so training measures the int8 model against the fp32
+one on the version's test split and records that *check* in the manifest (``int8.check``).
+Serving then picks a variant from the ``REFIT_MODEL_PRECISION`` setting:
 
 * ``fp32`` (the default): always the fp32 model;
 * ``int8``: the int8 model whenever the version has one, whatever its check says;
 * ``auto``: the int8 model only where its check passes the accuracy gate (:class:`Int8Gate`:
   prediction agreement with fp32 and the accuracy lost), otherwise fp32, with the reason.
 
-fp32 is the default because int8 answers are not independent of batch-mates: onnxruntime's
+fp32 is the default because the int8 models of versions exported before the blockwise recipe
+(``int8.method.kind`` ``dynamic``) answer differently with different batch-mates: onnxruntime's
 dynamic quantisation scales activations per tensor, i.e. per batch, so a text's probabilities
-move a little with the other texts batched with it (BENCHMARKS.md measures it).
+move a little with the other texts batched with it. The blockwise int8 model exported now
+quantises each text's activations on its own (``int8.method.batch_independent``), and its answers
+alone and in a batch agree as fp32's do (BENCHMARKS.md section 12 measures both).
 
 The gate is judged where it is applied, from the recorded measurements and the thresholds in
 effect (:func:`judge_int8`), so tightening a threshold takes effect without retraining.
