@@ -96,9 +96,11 @@ class RefitSettings(BaseSettings):
     """Which model file each worker serves: ``fp32`` always the fp32 model, ``auto`` a version's
     int8 model where it passed the accuracy gate (the two settings below) and its fp32 model
     otherwise, ``int8`` the int8 model whenever the version has one. ``GET /models`` shows what
-    each version would serve, and why. The default is fp32 because int8 answers depend slightly
-    on the other texts in their batch (activations are quantised per batch): on banking77, 1.5% of
-    labels changed between a text sent alone and in a batch of 32 (fp32: none)."""
+    each version would serve, and why. The default is fp32: int8 models exported before
+    2026-11-30 (dynamic int8) answer slightly differently depending on the other texts in their
+    batch (on banking77, 1.5% of labels changed between a text sent alone and in a batch of 32),
+    and newer ones (blockwise int8, independent of batch-mates) gain only 1.2-1.4x req/s at 32
+    connections for a small loss of agreement (BENCHMARKS.md section 12)."""
     int8_min_agreement: float = Field(0.99, ge=0, le=1)
     """Least share of a version's test examples on which the int8 model must predict the same
     label as the fp32 model for ``auto`` to serve it."""
