@@ -11,9 +11,10 @@ Design for the serving hot path (numpy only, no torch):
 - Search is exact (one matrix product per batch). Its cost grows linearly with the number of
   entries (bench/memory_speed.py; BENCHMARKS.md, "Learning from a stream"): about a millisecond
   for a batch of 64 against a thousand entries, tens of milliseconds against 100,000. The memory
-  stays small because :func:`prune_to_mistakes` keeps, after each promotion, only the entries
-  the new head still gets wrong; a memory meant to hold 100k entries would need an approximate
-  index (e.g. inverted lists over k-means centroids) instead.
+  stays small because :func:`rebuilt_memory` keeps, after each promotion, only the entries
+  the new head still gets wrong (and those of labels it still serves); a memory meant to hold
+  100k entries would need an approximate index (e.g. inverted lists over k-means centroids)
+  instead.
 - Reads never take a lock. The state is an immutable snapshot (matrix, ids, labels, row count)
   replaced by one reference assignment. Appends write into spare rows of the current buffer,
   which no published snapshot covers, then publish a snapshot with the larger count; removals
@@ -41,6 +42,7 @@ Design for the serving hot path (numpy only, no torch):
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -115,22 +117,6 @@ def _label_sums(
     return sums, np.bincount(codes[:count], minlength=labels).astype(np.int64)
 
 
-def class_prototypes(
-    embeddings: np.ndarray, labels: Sequence[str], names: Sequence[str]
-) -> np.ndarray:
-    """Each of ``names``' prototype: the L2-normalised mean of its rows in ``embeddings``
-    (``[len(names), dim]``; a zero row for a name without rows: the memory drops those)."""
-    vectors = np.asarray(embeddings, dtype=np.float32)
-    index = {name: i for i, name in enumerate(names)}
-    rows = [i for i, label in enumerate(labels) if label in index]
-    codes = np.array([index[labels[i]] for i in rows], dtype=np.int64)
-    sums = np.zeros((len(names), vectors.shape[1] if vectors.ndim == 2 else DIM), np.float32)
-    if rows:
-        np.add.at(sums, codes, vectors[rows])
-    norms = np.linalg.norm(sums, axis=1, keepdims=True)
-    return np.divide(sums, norms, out=np.zeros_like(sums), where=norms > 0)
-
-
 def class_means(
     embeddings: np.ndarray, labels: Sequence[str], names: Sequence[str]
 ) -> np.ndarray:
@@ -146,6 +132,16 @@ def class_means(
         np.add.at(sums, codes, vectors[rows])
     sizes = np.bincount(codes, minlength=len(names)).astype(np.float32)
     return np.divide(sums, sizes[:, None], out=np.zeros_like(sums), where=sizes[:, None] > 0)
+
+
+def class_prototypes(
+    embeddings: np.ndarray, labels: Sequence[str], names: Sequence[str]
+) -> np.ndarray:
+    """Each of ``names``' prototype: the L2-normalised :func:`class_means` (a zero row for a
+    name without rows: the memory drops those)."""
+    means = class_means(embeddings, labels, names)
+    norms = np.linalg.norm(means, axis=1, keepdims=True)
+    return np.divide(means, norms, out=np.zeros_like(means), where=norms > 0)
 
 
 def _usable_reference(reference: np.ndarray | None, dim: int) -> np.ndarray | None:
@@ -884,8 +880,6 @@ def rebuilt_memory(
 def learnt_labels(folder: str | Path) -> frozenset[str]:
     """The labels retrains added along a version's lineage: the ``new_labels`` each retrain's
     manifest records, from the version in ``folder`` up its parents (sibling folders)."""
-    import json
-
     found: set[str] = set()
     current: Path | None = Path(folder)
     seen: set[Path] = set()
