@@ -27,15 +27,19 @@ Design for the serving hot path (numpy only, no torch):
   examples rather than one: a text no entry answered gets the new label whose estimated mean
   direction is most similar, when that similarity exceeds the similarity to the nearest of the
   model's class prototypes (the reference: the class means of the version's training data,
-  :func:`version_prototypes`) by a margin. A label's mean direction is estimated from its few
-  examples without the small-sample bias of their plain mean (:func:`_prototype_scale`), so one
-  margin serves labels with 3 examples and with 30. Varied labels, whose examples are rarely
-  close to a new text one by one, are taught this way (BENCHMARKS.md, section 5). Per-label sums
-  are kept with each snapshot, so a lookup adds two small matrix products.
-- :func:`calibrate_threshold` picks both thresholds and the margin on held-out feedback by
+  :func:`version_prototypes`) by the label's margin. A label's mean direction is estimated from
+  its few examples without the small-sample bias of their plain mean (:func:`_prototype_scale`),
+  so its score does not drift as examples come. Varied labels, whose examples are rarely close
+  to a new text one by one, are taught this way (BENCHMARKS.md, section 5). Per-label sums are
+  kept with each snapshot, so a lookup adds two small matrix products.
+- :func:`calibrate_threshold` picks both thresholds and the margins on held-out feedback by
   leave-one-out, against the entries the memory will hold, so that the memory does not lower
-  accuracy; :class:`FeedbackFollower` keeps a worker's memory in step with the store by polling
-  for new feedback (every worker within about one poll interval).
+  accuracy. Each new label gets its own margin from its own items (a label close to a known
+  class needs a smaller lead over it than one far from all), shrunk towards the margin
+  calibrated on all new labels together while it has few items (:data:`MARGIN_PRIOR_ITEMS`),
+  all within one budget of lost answers on labels the model knows.
+- :class:`FeedbackFollower` keeps a worker's memory in step with the store by polling for new
+  feedback (every worker within about one poll interval).
 - After a retrain, :func:`rebuilt_memory` keeps a label the retrain added *memory-served* (as if
   the model did not know it) while the memory answers its feedback better than the new head.
 """
@@ -228,7 +232,9 @@ class FeedbackMemory:
     entries: :func:`_prototype_scale`) is most similar when that similarity exceeds the similarity
     to the nearest of the model's own class prototypes (``reference``: one row per known label,
     the class means of the model's training data, :func:`class_means`; unit rows work too) by at
-    least ``new_label_margin``. It is off while either is ``None``.
+    least the label's margin: ``new_label_margins[label]`` where given (``None``: off for that
+    label), else ``new_label_margin``. It is off while the reference is ``None``, and for the
+    labels whose margin is ``None``.
     """
 
     def __init__(
@@ -653,7 +659,13 @@ def _calibrate(
     only example has none), every other item with the full prototypes; margins from
     ``margin_floor`` to ``margin_ceiling`` are scored with what is left of the known-label
     budget; where none gains, the rule stays off (margin ``None``). Where no label the model
-    does not know has two items yet (nothing to leave one out of), ``margin_default``.
+    does not know has two items yet (nothing to leave one out of), ``margin_default``. That
+    shared margin serves labels without evidence of their own; each label with items the rule
+    would answer also gets its own (``new_label_margins``): the margins that together gain most
+    within the same budget (:func:`_label_margins`; ties go to the margin nearest the shared
+    one), each shrunk towards the shared margin with weight ``k / (k + margin_prior_items)``
+    for a label with ``k`` items, further where the shrunk margins together overspend the
+    budget (:func:`_own_margins`).
 
     ``queries`` (a mask; all items without it) are the items scored, e.g. those the model never
     trained on; ``kept`` (all without it) the items the memory holds as entries: an item's
