@@ -847,7 +847,7 @@ def _own_margins(
     either margin, counts as the ``ceiling``); and the items the rule then answers. Where the
     shrunk margins together lose more than ``budget`` answers on items of labels the model
     knows, each is shrunk further towards the shared margin (in tenths of the way) until they
-    do not."""
+    do not (off for all where even the shared margin, or the ceiling, overspends)."""
     base = ceiling if shared is None else shared
     for shrink in np.linspace(1.0, 0.0, 11):
         margins: dict[str, float | None] = {}
@@ -863,8 +863,9 @@ def _own_margins(
         ], dtype=np.float64)
         answered = open_items & (lead >= limit)
         if (answered * known_gain).sum() >= -budget:
-            break
-    return margins, answered
+            return margins, answered
+    # Only where the shared rule is off (margins at the ceiling) and that still overspends.
+    return dict.fromkeys(fitted), np.zeros_like(open_items)
 
 
 def _prototype_leave_one_out(
