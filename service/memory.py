@@ -33,7 +33,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -76,7 +76,7 @@ class MemoryState:
     threshold: float | None
     new_label_threshold: float | None
     new_label_margin: float | None
-    """The prototype rule's margin (``None``: off)."""
+    """The prototype rule's margin (``None``: off) for new labels without their own."""
     prototype_rule: bool
     """Whether the memory has the served model's class prototypes (the rule's reference)."""
     built_for: str | None
@@ -89,6 +89,8 @@ class MemoryState:
     """Position in the store's feedback change feed the memory is up to date with."""
     calibration: Calibration | None
     last_error: str | None
+    new_label_margins: dict[str, float | None] = field(default_factory=dict)
+    """Each new label's own margin, calibrated on its own feedback (``None``: off for it)."""
 
 
 def embed_texts(model: ServingModel, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -172,6 +174,7 @@ class FeedbackMemoryKeeper:
             threshold=memory.threshold if built else None,
             new_label_threshold=memory.new_label_threshold if built else None,
             new_label_margin=memory.new_label_margin if built else None,
+            new_label_margins=dict(memory.new_label_margins) if built else {},
             prototype_rule=memory.reference is not None,
             built_for=built.version if built else None,
             built_at=self._built_at,

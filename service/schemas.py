@@ -612,7 +612,16 @@ class MemoryResponse(BaseModel):
         description=(
             "Prototype rule: a text gets a label the model does not know when its similarity to "
             "that label's prototype (the mean of its examples) exceeds its similarity to the "
-            "nearest of the model's class prototypes by this margin (null: the rule is off)."
+            "nearest of the model's class prototypes by this margin (null: the rule is off). "
+            "Applies to labels without a margin of their own in `new_label_margins`."
+        ),
+    )
+    new_label_margins: dict[str, float | None] = Field(
+        {},
+        description=(
+            "Each label the model does not know, with its own prototype-rule margin (null: the "
+            "rule is off for it), calibrated on its own feedback and shrunk towards the shared "
+            "margin by how little of it there is."
         ),
     )
     prototype_rule: bool = Field(
@@ -635,7 +644,8 @@ class MemoryResponse(BaseModel):
         return cls(
             enabled=state.enabled, worker_pid=worker_pid, entries=state.entries,
             threshold=state.threshold, new_label_threshold=state.new_label_threshold,
-            new_label_margin=state.new_label_margin, prototype_rule=state.prototype_rule,
+            new_label_margin=state.new_label_margin,
+            new_label_margins=dict(state.new_label_margins), prototype_rule=state.prototype_rule,
             built_for=state.built_for, built_at=state.built_at,
             rebuild_seconds=state.rebuild_seconds, feedback_items=state.feedback_items,
             cursor=state.cursor,

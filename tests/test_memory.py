@@ -12,6 +12,8 @@ from adapters.serving.memory import (
     DEFAULT_NEW_LABEL_MARGIN,
     DEFAULT_NEW_LABEL_THRESHOLD,
     DEFAULT_THRESHOLD,
+    MARGIN_FLOOR,
+    MARGIN_PRIOR_ITEMS,
     THRESHOLD_FLOOR,
     FeedbackChange,
     FeedbackFollower,
@@ -804,3 +806,70 @@ def test_on_hwu64_the_calibrated_memory_keeps_old_class_accuracy():
     nearest_recall = float(np.mean(np.array(plain.labels, dtype=object) == truth[~is_old]))
     print(f"new-label recall, nearest entry only: {nearest_recall:.3f}")
     assert new_recall > nearest_recall
+
+
+def close_label_feedback(rng: np.random.Generator, close_items: int):
+    """Two known classes and two new labels. ``far`` lies away from both known classes, but a
+    dozen items of ``k0`` (the model right on them) lean towards it, so a margin that reaches
+    below about 0.3 for ``far`` costs old answers. ``close`` lies near ``k1`` (its centre at
+    cosine 0.8 to ``k1``'s): its items lead ``k1`` by only about 0.06-0.18, and no item of
+    ``k1`` leads towards it."""
+    c0, c1, c_far, d = unit(rng.standard_normal((4, 384)))
+    c_close = unit(0.8 * c1 + 0.6 * unit(d - (d @ c1) * c1))
+    lean = unit(c0 + 1.6 * c_far)
+    rows: list[tuple[np.ndarray, str, str]] = []
+    rows += [(near(c0, 0.7, rng), "k0", "k0") for _ in range(100)]
+    rows += [(near(c1, 0.7, rng), "k1", "k1") for _ in range(100)]
+    rows += [(near(lean, 0.75, rng), "k0", "k0") for _ in range(12)]
+    rows += [(near(c_far, c, rng), "far", "k0") for c in np.linspace(0.35, 0.6, 30)]
+    rows += [(near(c_close, 0.6, rng), "close", "k1") for _ in range(close_items)]
+    vectors, labels, predicted = zip(*rows, strict=True)
+    centres = {"k0": c0, "k1": c1, "far": c_far, "close": c_close, "lean": lean}
+    return np.stack(vectors), list(labels), list(predicted), np.stack([c0, c1]), centres
+
+
+def test_a_new_label_close_to_a_known_class_gets_its_own_lower_margin(rng):
+    # One margin for both new labels must stay above the leaning k0 items (for `far`), which
+    # keeps `close` out entirely. Each label's own margin lets `close` in, and `far` stays
+    # where the old classes need it.
+    vectors, labels, predicted, reference, centres = close_label_feedback(rng, 90)
+    calibration = calibrate_threshold(vectors, labels, predicted, ["k0", "k1"],
+                                      reference=reference)
+    shared = calibration.new_label_margin
+    own = calibration.new_label_margins
+    assert shared is not None and set(own) == {"far", "close"}
+    assert own["far"] == pytest.approx(shared, abs=0.03)
+    assert own["close"] is not None and own["close"] < shared - 0.1
+    assert calibration.to_dict()["new_label_margins"] == own
+
+    memory = FeedbackMemory(known_labels=["k0", "k1"], reference=reference)
+    memory.set_thresholds(calibration)
+    memory.add(list(range(len(vectors))), vectors, labels)
+    probes = np.stack([near(centres["close"], 0.6, rng) for _ in range(200)])
+    assert memory.lookup(probes).labels.count("close") >= 0.6 * len(probes)
+    old = np.stack([near(centres["k1"], 0.7, rng) for _ in range(200)]
+                   + [near(centres["k0"], 0.7, rng) for _ in range(200)])
+    assert memory.lookup(old).labels == [None] * len(old)
+    # The shared margin alone (the rule before labels had their own) leaves `close` out.
+    memory.new_label_margins = {}
+    assert memory.lookup(probes).labels.count("close") <= 0.1 * len(probes)
+    # The service's rebuild hands the margins to the memory it builds.
+    rebuilt, again = rebuilt_memory(list(range(len(vectors))), vectors, labels, predicted,
+                                    ["k0", "k1"], reference=reference)
+    assert again.new_label_margins == own and rebuilt.new_label_margins == own
+
+
+def test_a_labels_own_margin_needs_its_own_evidence(rng):
+    # With three items, `close` stays near the shared margin: its own evidence is shrunk
+    # towards it with weight 3 / (3 + MARGIN_PRIOR_ITEMS); with 90, weight 0.9.
+    moved = []
+    for items in (3, 90):
+        vectors, labels, predicted, reference, _ = close_label_feedback(rng, items)
+        calibration = calibrate_threshold(vectors, labels, predicted, ["k0", "k1"],
+                                          reference=reference)
+        shared, own = calibration.new_label_margin, calibration.new_label_margins["close"]
+        assert shared is not None and own is not None
+        moved.append((shared - own, shared - MARGIN_FLOOR))
+    (few, few_room), (many, _) = moved
+    assert 0 <= few <= 3 / (3 + MARGIN_PRIOR_ITEMS) * few_room + 1e-6
+    assert many > 0.1

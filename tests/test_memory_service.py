@@ -86,11 +86,15 @@ def test_feedback_is_in_effect_at_once_in_every_worker(server):
     assert all(s["new_label_threshold"] is not None for s in states.values())
     # The served version's class prototypes were read: the prototype rule is on.
     assert all(s["prototype_rule"] and s["new_label_margin"] is not None for s in states.values())
+    # One item is too little to calibrate: no label has a margin of its own yet.
+    assert all(s["new_label_margins"] == {} for s in states.values())
 
     deleted = fresh_get(server, "/openapi.json")  # the document shows the new fields
     prediction_schema = deleted.json()["components"]["schemas"]["Prediction"]["properties"]
     assert {"source", "feedback_id", "similarity"} <= set(prediction_schema)
     assert "/memory" in deleted.json()["paths"]
+    memory_schema = deleted.json()["components"]["schemas"]["MemoryResponse"]["properties"]
+    assert {"new_label_margin", "new_label_margins"} <= set(memory_schema)
 
     with httpx.Client(base_url=server.url, timeout=30) as client:
         # Admin endpoint: loopback clients are allowed while no admin token is set.

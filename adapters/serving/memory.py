@@ -27,15 +27,19 @@ Design for the serving hot path (numpy only, no torch):
   examples rather than one: a text no entry answered gets the new label whose estimated mean
   direction is most similar, when that similarity exceeds the similarity to the nearest of the
   model's class prototypes (the reference: the class means of the version's training data,
-  :func:`version_prototypes`) by a margin. A label's mean direction is estimated from its few
-  examples without the small-sample bias of their plain mean (:func:`_prototype_scale`), so one
-  margin serves labels with 3 examples and with 30. Varied labels, whose examples are rarely
-  close to a new text one by one, are taught this way (BENCHMARKS.md, section 5). Per-label sums
-  are kept with each snapshot, so a lookup adds two small matrix products.
-- :func:`calibrate_threshold` picks both thresholds and the margin on held-out feedback by
+  :func:`version_prototypes`) by the label's margin. A label's mean direction is estimated from
+  its few examples without the small-sample bias of their plain mean (:func:`_prototype_scale`),
+  so its score does not drift as examples come. Varied labels, whose examples are rarely close
+  to a new text one by one, are taught this way (BENCHMARKS.md, section 5). Per-label sums are
+  kept with each snapshot, so a lookup adds two small matrix products.
+- :func:`calibrate_threshold` picks both thresholds and the margins on held-out feedback by
   leave-one-out, against the entries the memory will hold, so that the memory does not lower
-  accuracy; :class:`FeedbackFollower` keeps a worker's memory in step with the store by polling
-  for new feedback (every worker within about one poll interval).
+  accuracy. Each new label gets its own margin from its own items (a label close to a known
+  class needs a smaller lead over it than one far from all), shrunk towards the margin
+  calibrated on all new labels together while it has few items (:data:`MARGIN_PRIOR_ITEMS`),
+  all within one budget of lost answers on labels the model knows.
+- :class:`FeedbackFollower` keeps a worker's memory in step with the store by polling for new
+  feedback (every worker within about one poll interval).
 - After a retrain, :func:`rebuilt_memory` keeps a label the retrain added *memory-served* (as if
   the model did not know it) while the memory answers its feedback better than the new head.
 """
@@ -45,8 +49,8 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +78,11 @@ DEFAULT_NEW_LABEL_MARGIN = 0.1
 """The prototype rule's margin until feedback gives evidence to calibrate it (at least
 :data:`MIN_CALIBRATION_ITEMS` items, among them two of one label the model does not know).
 Calibrated margins on hwu64 and banking77 streams ranged from about -0.1 to 0.15."""
+MARGIN_PRIOR_ITEMS = 10.0
+"""A new label's own margin (calibrated on its own leave-one-out evidence) is shrunk towards the
+margin calibrated on all new labels together, with weight ``k / (k + MARGIN_PRIOR_ITEMS)`` for
+a label with ``k`` calibration items: its own evidence counts as much as all labels' at this
+many items."""
 MARGIN_FLOOR = -0.1
 MARGIN_CEILING = 0.4
 """Calibration picks the prototype rule's margin in ``[MARGIN_FLOOR, MARGIN_CEILING]``."""
@@ -223,7 +232,9 @@ class FeedbackMemory:
     entries: :func:`_prototype_scale`) is most similar when that similarity exceeds the similarity
     to the nearest of the model's own class prototypes (``reference``: one row per known label,
     the class means of the model's training data, :func:`class_means`; unit rows work too) by at
-    least ``new_label_margin``. It is off while either is ``None``.
+    least the label's margin: ``new_label_margins[label]`` where given (``None``: off for that
+    label), else ``new_label_margin``. It is off while the reference is ``None``, and for the
+    labels whose margin is ``None``.
     """
 
     def __init__(
@@ -235,6 +246,7 @@ class FeedbackMemory:
         neighbours: int = 1,
         reference: np.ndarray | None = None,
         new_label_margin: float | None = DEFAULT_NEW_LABEL_MARGIN,
+        new_label_margins: Mapping[str, float | None] | None = None,
     ) -> None:
         if neighbours < 1:
             raise ValueError("neighbours must be at least 1")
@@ -246,6 +258,7 @@ class FeedbackMemory:
         self.reference: np.ndarray | None = None
         self.set_reference(reference)
         self.new_label_margin = new_label_margin
+        self.new_label_margins: Mapping[str, float | None] = dict(new_label_margins or {})
         self._lock = threading.Lock()
         self._prototype_cache: (
             tuple[_Snapshot, frozenset[str], float, np.ndarray, np.ndarray] | None
@@ -274,6 +287,7 @@ class FeedbackMemory:
         self.threshold = calibration.threshold
         self.new_label_threshold = calibration.new_label_threshold
         self.new_label_margin = calibration.new_label_margin
+        self.new_label_margins = dict(calibration.new_label_margins)
 
     def __len__(self) -> int:
         return self._snapshot.count
@@ -468,19 +482,34 @@ class FeedbackMemory:
         self, s: _Snapshot, queries: np.ndarray, answered: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray] | None:
         """Rows (not ``answered``) that the prototype rule answers, and their label codes."""
-        margin, reference = self.new_label_margin, self._reference_scoring
-        if margin is None or reference is None or answered.all():
+        reference = self._reference_scoring
+        if reference is None or answered.all():
             return None
         new, prototypes = self._new_label_prototypes(s)
         if len(new) == 0:
+            return None
+        margins = self._margins(s, new)
+        if not np.isfinite(margins).any():
             return None
         open_rows = np.flatnonzero(~answered)
         q = queries[open_rows]
         scores = q @ prototypes.T
         pick = scores.argmax(axis=1)
         lead = scores[np.arange(len(q)), pick] - (q @ reference.T).max(axis=1)
-        hit = lead >= margin
+        hit = lead >= margins[pick]
         return open_rows[hit], new[pick[hit]].astype(np.int32)
+
+    def _margins(self, s: _Snapshot, new: np.ndarray) -> np.ndarray:
+        """Each new label's margin (of the codes ``new``): its own calibrated margin, else the
+        shared one; ``inf`` where the rule is off."""
+        shared = self.new_label_margin
+        own = self.new_label_margins
+        out = np.empty(len(new), np.float64)
+        for i, code in enumerate(new.tolist()):
+            name = s.label_names[code]
+            margin = own.get(name, shared)
+            out[i] = np.inf if margin is None else margin
+        return out
 
     def _new_label_prototypes(self, s: _Snapshot) -> tuple[np.ndarray, np.ndarray]:
         """Codes of the labels the model does not know that have entries, and their prototypes;
@@ -557,6 +586,9 @@ class Calibration:
     """The prototype rule's margin (``None``: off, for want of evidence or of a reference)."""
     prototype_answered: int = 0
     """How many of the answered calibration items the prototype rule answered."""
+    new_label_margins: Mapping[str, float | None] = field(default_factory=dict)
+    """Each new label's own margin, calibrated on its own leave-one-out evidence (``None``: off
+    for it); a label without one gets ``new_label_margin``."""
     memory_served: tuple[str, ...] = ()
     """Labels the model knows that the memory still serves as if it did not (labels a retrain
     added whose feedback the memory answers better than the new head: :func:`rebuilt_memory`)."""
@@ -565,6 +597,7 @@ class Calibration:
         return {
             "threshold": self.threshold, "new_label_threshold": self.new_label_threshold,
             "new_label_margin": self.new_label_margin,
+            "new_label_margins": dict(self.new_label_margins),
             "items": self.items, "model_accuracy": self.model_accuracy,
             "combined_accuracy": self.combined_accuracy, "answered": self.answered,
             "prototype_answered": self.prototype_answered, "reason": self.reason,
@@ -602,6 +635,7 @@ def _calibrate(
     margin_floor: float = MARGIN_FLOOR,
     margin_ceiling: float = MARGIN_CEILING,
     margin_default: float = DEFAULT_NEW_LABEL_MARGIN,
+    margin_prior_items: float = MARGIN_PRIOR_ITEMS,
     queries: np.ndarray | None = None,
     kept: np.ndarray | None = None,
 ) -> tuple[Calibration, np.ndarray | None]:
@@ -625,7 +659,13 @@ def _calibrate(
     only example has none), every other item with the full prototypes; margins from
     ``margin_floor`` to ``margin_ceiling`` are scored with what is left of the known-label
     budget; where none gains, the rule stays off (margin ``None``). Where no label the model
-    does not know has two items yet (nothing to leave one out of), ``margin_default``.
+    does not know has two items yet (nothing to leave one out of), ``margin_default``. That
+    shared margin serves labels without evidence of their own; each label with items the rule
+    would answer also gets its own (``new_label_margins``): the margins that together gain most
+    within the same budget (:func:`_label_margins`; ties go to the margin nearest the shared
+    one), each shrunk towards the shared margin with weight ``k / (k + margin_prior_items)``
+    for a label with ``k`` items, further where the shrunk margins together overspend the
+    budget (:func:`_own_margins`).
 
     ``queries`` (a mask; all items without it) are the items scored, e.g. those the model never
     trained on; ``kept`` (all without it) the items the memory holds as entries: an item's
@@ -696,10 +736,11 @@ def _calibrate(
         else "no thresholds beat the model alone: only near-duplicates are answered"
     )
     margin, by_prototype = None, np.zeros(n, dtype=bool)
+    margins: dict[str, float | None] = {}
     reference = _usable_reference(reference, vectors.shape[1]) if has_reference else None
     if reference is not None:
-        lead, correct_p = _prototype_leave_one_out(vectors, all_truth, known, reference)
-        lead, correct_p = lead[rows], correct_p[rows]
+        lead, correct_p, picked = _prototype_leave_one_out(vectors, all_truth, known, reference)
+        lead, correct_p, picked = lead[rows], correct_p[rows], picked[rows]
         open_items = ~answered & np.isfinite(lead)
         evidence = bool((np.isfinite(lead) & ~item_known).any())
         gain_p = correct_p.astype(int) - model_correct.astype(int)
@@ -714,31 +755,130 @@ def _calibrate(
             margin = margin_default
             reason += (f"; no label the model does not know has two items: prototype margin "
                        f"{margin:.3f} (the default)")
-        elif gains[k] > 0:
-            margin = float(ms[k])
-            by_prototype = above[k]
-            combined = np.where(by_prototype, correct_p, combined)
-            reason += (f"; the prototype rule answers {int(by_prototype.sum())} more at margin "
-                       f"{margin:.3f}")
         else:
-            reason += "; the prototype rule does not beat the model: off"
+            margin = float(ms[k]) if gains[k] > 0 else None
+            sizes = {str(label): int((truth == label).sum()) for label in set(picked) - {None}}
+            margins, by_prototype = _own_margins(
+                _label_margins(ms, lead, picked, open_items, gain_p, item_known, budget, margin),
+                sizes, margin, margin_ceiling, margin_prior_items, lead, picked, open_items,
+                gain_p * item_known, budget,
+            )
+            combined = np.where(by_prototype, correct_p, combined)
+            shared = "off" if margin is None else f"{margin:.3f}"
+            reason += (
+                f"; the prototype rule answers {int(by_prototype.sum())} more, at margins "
+                + ", ".join(f"{label} {'off' if m is None else f'{m:.3f}'}"
+                            for label, m in margins.items())
+                + f" (other labels: {shared})"
+            )
     calibration = Calibration(
         t_known, t_new, n, float(model_correct.mean()), float(combined.mean()),
         int(answered.sum() + by_prototype.sum()), reason, margin, int(by_prototype.sum()),
+        new_label_margins=margins,
     )
     return calibration, combined.astype(bool)
 
 
+def _label_margins(
+    ms: np.ndarray,
+    lead: np.ndarray,
+    picked: np.ndarray,
+    open_items: np.ndarray,
+    gain: np.ndarray,
+    item_known: np.ndarray,
+    budget: float,
+    shared: float | None = None,
+) -> dict[str, float | None]:
+    """Each new label's own margin (``None``: the rule is off for it), from its own
+    leave-one-out evidence: the items the rule would give it (``picked``, among ``open_items``)
+    with their ``lead`` and ``gain`` over the model. The margins together maximise the gain
+    while the items of labels the model knows lose at most ``budget`` answers, shared among the
+    labels (an exact search over the candidate margins ``ms``, descending: ties go to the larger
+    margin, and to off where no margin gains)."""
+    labels = sorted({str(label) for label in picked[open_items]})
+    cap = int(np.floor(budget + 1e-9))
+    if cap < 0:  # the thresholds spent more than the budget: no margin is allowed
+        return dict.fromkeys(labels)
+    # Per label: (gain, known loss, margin) for each candidate, "off" first.
+    options: list[list[tuple[int, int, float | None]]] = []
+    for label in labels:
+        mine = open_items & (picked == label)
+        above = (lead[None, :] >= ms[:, None]) & mine[None, :]
+        gains = (above * gain).sum(axis=1)
+        losses = -(above * (gain * item_known)).sum(axis=1)
+        candidates: list[tuple[int, int, float | None]] = [
+            (int(g), int(loss), float(m))
+            for g, loss, m in zip(gains, losses, ms, strict=True) if loss <= cap
+        ]
+        if shared is None:
+            options.append([(0, 0, None), *candidates])
+        else:  # ties go to the margin nearest the shared one
+            candidates.sort(key=lambda c: (abs(float(c[2] or 0.0) - shared), -float(c[2] or 0.0)))
+            options.append([*candidates, (0, 0, None)])
+    # best[b]: the largest total gain with at most b known answers lost, and its margins.
+    best: list[tuple[int, tuple[float | None, ...]]] = [(0, ())] * (cap + 1)
+    for choices in options:
+        step: list[tuple[int, tuple[float | None, ...]]] = []
+        for b in range(cap + 1):
+            top: tuple[int, tuple[float | None, ...]] | None = None
+            for g, loss, m in choices:
+                if loss <= b and (top is None or best[b - loss][0] + g > top[0]):
+                    top = (best[b - loss][0] + g, best[b - loss][1] + (m,))
+            assert top is not None  # "off" is always possible
+            step.append(top)
+        best = step
+    return dict(zip(labels, best[cap][1], strict=True))
+
+
+def _own_margins(
+    fitted: dict[str, float | None],
+    sizes: dict[str, int],
+    shared: float | None,
+    ceiling: float,
+    prior_items: float,
+    lead: np.ndarray,
+    picked: np.ndarray,
+    open_items: np.ndarray,
+    known_gain: np.ndarray,
+    budget: float,
+) -> tuple[dict[str, float | None], np.ndarray]:
+    """Each label's margin: its ``fitted`` margin (:func:`_label_margins`) shrunk towards the
+    ``shared`` one by its number of items ``k``, with weight ``k / (k + prior_items)`` (off, as
+    either margin, counts as the ``ceiling``); and the items the rule then answers. Where the
+    shrunk margins together lose more than ``budget`` answers on items of labels the model
+    knows, each is shrunk further towards the shared margin (in tenths of the way) until they
+    do not (off for all where even the shared margin, or the ceiling, overspends)."""
+    base = ceiling if shared is None else shared
+    for shrink in np.linspace(1.0, 0.0, 11):
+        margins: dict[str, float | None] = {}
+        for label, own in fitted.items():
+            if shared is None and own is None:
+                margins[label] = None
+                continue
+            weight = float(shrink) * sizes[label] / (sizes[label] + prior_items)
+            margins[label] = round(base + weight * ((ceiling if own is None else own) - base), 6)
+        limit = np.array([
+            np.inf if label is None or (m := margins.get(label, shared)) is None else m
+            for label in picked
+        ], dtype=np.float64)
+        answered = open_items & (lead >= limit)
+        if (answered * known_gain).sum() >= -budget:
+            return margins, answered
+    # Only where the shared rule is off (margins at the ceiling) and that still overspends.
+    return dict.fromkeys(fitted), np.zeros_like(open_items)
+
+
 def _prototype_leave_one_out(
     vectors: np.ndarray, truth: np.ndarray, known: frozenset[str], reference: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per item: the prototype rule's lead (best new-label prototype's similarity minus the
-    nearest reference prototype's; ``-inf`` where no new label has a prototype) and whether its
-    label would be right, each item's own label's prototype built without it."""
+    nearest reference prototype's; ``-inf`` where no new label has a prototype), whether its
+    label would be right, and that label (``None`` where there is none), each item's own
+    label's prototype built without it."""
     n = len(vectors)
     new = sorted({str(label) for label in truth if label not in known})
     if not new:
-        return np.full(n, -np.inf), np.zeros(n, dtype=bool)
+        return np.full(n, -np.inf), np.zeros(n, dtype=bool), np.full(n, None, dtype=object)
     index = {label: k for k, label in enumerate(new)}
     codes = np.array([index.get(label, -1) for label in truth], dtype=np.int64)
     own = codes >= 0
@@ -762,7 +902,10 @@ def _prototype_leave_one_out(
     pick = scores.argmax(axis=1)
     best = scores[np.arange(n), pick]
     lead = best - ((vectors @ reference_rows.T) * reference_scale[None, :]).max(axis=1)
-    return lead, np.array(new, dtype=object)[pick] == truth
+    picked: np.ndarray = np.array(new, dtype=object)[pick]
+    right: np.ndarray = picked == truth
+    picked[~np.isfinite(lead)] = None
+    return lead, right, picked
 
 
 def memory_served_labels(
@@ -871,6 +1014,7 @@ def rebuilt_memory(
         known_labels=trusted,
         reference=trusted_reference,
         new_label_margin=calibration.new_label_margin,
+        new_label_margins=calibration.new_label_margins,
     )
     rows = np.flatnonzero(kept).tolist()
     memory.add([ids[i] for i in rows], vectors[rows], [labels[i] for i in rows])
