@@ -724,6 +724,13 @@ def test_learnt_labels_follow_the_lineage_and_trained_texts_the_version_data(tmp
     assert learnt_labels(v3) == {"gift_card", "loyalty"}
     assert learnt_labels(tmp_path / "v4") == {"gift_card"}
     assert learnt_labels(tmp_path / "missing") == frozenset()
+    version("v5", "v6", ["a"])
+    version("v6", "v5", ["b"])  # a cycle ends the walk
+    assert learnt_labels(tmp_path / "v5") == {"a", "b"}
+    version("v7", "v8", ["c"])
+    (tmp_path / "v8").mkdir()
+    (tmp_path / "v8" / "manifest.json").write_text("{not json")  # unreadable: the walk stops
+    assert learnt_labels(tmp_path / "v7") == {"c"}
     (v3 / "data" / "train.jsonl").write_text('{"text": "a", "label": "x"}\n')
     (v3 / "data" / "validation.jsonl").write_text('{"text": "b", "label": "y"}\n')
     (v3 / "data" / "test.jsonl").write_text('{"text": "c", "label": "y"}\n')

@@ -46,7 +46,6 @@ Design for the serving hot path (numpy only, no torch):
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -1023,20 +1022,14 @@ def rebuilt_memory(
 
 def learnt_labels(folder: str | Path) -> frozenset[str]:
     """The labels retrains added along a version's lineage: the ``new_labels`` each retrain's
-    manifest records, from the version in ``folder`` up its parents (sibling folders)."""
+    manifest records, from the version in ``folder`` up its parents."""
+    from adapters.serving.registry import ModelVersion
+
+    path = Path(folder)
     found: set[str] = set()
-    current: Path | None = Path(folder)
-    seen: set[Path] = set()
-    while current is not None and current not in seen and (current / "manifest.json").is_file():
-        seen.add(current)
-        try:
-            manifest = json.loads((current / "manifest.json").read_text())
-        except (OSError, ValueError):
-            break
-        retrain = (manifest.get("training") or {}).get("retrain") or {}
+    for version in ModelVersion(path.name, path).lineage():
+        retrain = (version.manifest.get("training") or {}).get("retrain") or {}
         found.update(str(label) for label in retrain.get("new_labels") or ())
-        parent = manifest.get("parent")
-        current = current.parent / str(parent) if parent else None
     return frozenset(found)
 
 

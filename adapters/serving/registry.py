@@ -112,6 +112,21 @@ class ModelVersion:
     def labels(self) -> list[str]:
         return list(self.manifest["labels"])
 
+    def lineage(self) -> Iterator[ModelVersion]:
+        """This version, then its parent, its parent's parent, … (the manifests' ``parent``,
+        folders beside this one), as far as the manifests are readable; a cycle ends it."""
+        current: ModelVersion | None = self
+        seen: set[Path] = set()
+        while current is not None and current.path not in seen:
+            seen.add(current.path)
+            try:
+                parent = current.manifest.get("parent")
+            except (OSError, ValueError):
+                return
+            yield current
+            current = (ModelVersion(str(parent), current.path.parent / str(parent))
+                       if parent else None)
+
     @property
     def encoder_id(self) -> str:
         """Identifies the encoder weights behind this version's embeddings.
