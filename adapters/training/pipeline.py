@@ -632,12 +632,10 @@ def register_version(
         # What a model that never saw each split answers on it, calibrated as the served head
         # is: the validation metrics and the drift reference are made of it (the served head is
         # over-confident on the validation split it was refitted on).
-        unseen = dict(probabilities)
-        if fitted.selection_head is not None:
-            unseen["validation"] = head_probabilities(
-                fold_temperature(fitted.selection_head, calibration.temperature),
-                embeddings["validation"],
-            )
+        unseen = {**probabilities, "validation": head_probabilities(
+            fold_temperature(fitted.validation_head, calibration.temperature),
+            embeddings["validation"],
+        )}
         for name in ("validation", "test"):
             metrics[name] = classification_report(
                 data.y(name), unseen[name].argmax(axis=1), labels
