@@ -114,12 +114,15 @@ def _nlupp(domain: str) -> tuple[LabelledTexts, LabelledTexts, LabelledTexts]:
     return train, validation.subset(keep_v), test.subset(keep_t)
 
 
-def splits(name: str) -> tuple[LabelledTexts, LabelledTexts, LabelledTexts]:
+def splits(name: str, split_seed: int = 0) -> tuple[LabelledTexts, LabelledTexts, LabelledTexts]:
+    """The set's splits. ``split_seed`` (0: the standard cut) draws another validation cut from
+    the same training rows; the test split, the long-tailed subsample and NLU++'s folds (given by
+    the source) stay as they are."""
     if name == "demo":
         data = read_jsonl(ROOT / "data" / "demo" / "intents.jsonl")
         rest, test = stratified_split(data, 0.15, SEED)
         share = VALIDATION_FRACTION / (1 - 0.15)
-        train, validation = stratified_split(rest, share, SEED + 1)
+        train, validation = stratified_split(rest, share, SEED + 1 + split_seed)
         return train, validation, test
     if name.startswith("nlupp-"):
         return _nlupp(name.removeprefix("nlupp-"))
@@ -129,7 +132,7 @@ def splits(name: str) -> tuple[LabelledTexts, LabelledTexts, LabelledTexts]:
     test = read_jsonl(shared / base / "test.jsonl")
     if name.endswith("-lt"):
         data = zipf_subsample(data)
-    train, validation = stratified_split(data, VALIDATION_FRACTION, SEED + 1)
+    train, validation = stratified_split(data, VALIDATION_FRACTION, SEED + 1 + split_seed)
     known = set(train.labels)
     test = test.subset([i for i, label in enumerate(test.labels) if label in known])
     return train, validation, test
@@ -157,12 +160,24 @@ def embed(texts: list[str]) -> np.ndarray:
     return vectors
 
 
-def load(name: str) -> Benchmark:
-    train, validation, test = splits(name)
-    return Benchmark(
-        name, train, validation, test,
-        embed(train.texts), embed(validation.texts), embed(test.texts),
-    )
+def load(name: str, split_seed: int = 0) -> Benchmark:
+    """The set ``name`` with its embeddings; ``split_seed``: see :func:`splits`."""
+    train, validation, test = splits(name, split_seed)
+    if split_seed == 0:
+        return Benchmark(
+            name, train, validation, test,
+            embed(train.texts), embed(validation.texts), embed(test.texts),
+        )
+    # Another cut of the same rows: their embeddings come from the standard cut's cache.
+    standard = load(name)
+    vectors = dict(zip(standard.train.texts + standard.validation.texts,
+                       np.concatenate([standard.x_train, standard.x_validation]), strict=True))
+
+    def lookup(texts: list[str]) -> np.ndarray:
+        return np.stack([vectors[t] for t in texts]) if texts else standard.x_validation[:0]
+
+    return Benchmark(name, train, validation, test, lookup(train.texts),
+                     lookup(validation.texts), standard.x_test)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """refit's default head recipe against logistic regression, on every evaluation set (issue 9).
 
-    PYTHONPATH=. .venv/bin/python bench/recipe_compare.py [SET ...] [--flip 0.05]
+    PYTHONPATH=. .venv/bin/python bench/recipe_compare.py [SET ...] [--flip 0.05] [--split-seed N]
 
 For each set (default: all of ``bench/datasets.py``), both sides see the same splits and the same
 cached frozen-encoder embeddings:
@@ -17,7 +17,9 @@ cached frozen-encoder embeddings:
 
 Both are scored on the test split; the margins are head − LR. ``--flip F`` relabels a fraction F
 of the training and validation rows (a uniformly random other label, seeded) to check that a few
-wrong labels do not make the recipe collapse; the test split stays clean. Sets with fewer than two
+wrong labels do not make the recipe collapse; the test split stays clean. ``--split-seed N`` cuts
+another validation split from the same training rows (``bench/datasets.py: splits``; NLU++ keeps
+its source folds), to see how much one cut decides. Sets with fewer than two
 labels are skipped with a note (nlupp-hotels has one intent with 15 single-intent rows).
 Results go to ``bench/results/recipe_compare[-flipF].json`` and a markdown table to stdout.
 Seconds are wall time on whatever else the machine runs.
@@ -147,15 +149,18 @@ def main() -> None:
     parser.add_argument("sets", nargs="*", default=list(NAMES))
     parser.add_argument("--flip", type=float, default=0.0,
                         help="fraction of training+validation labels to flip (default 0)")
+    parser.add_argument("--split-seed", type=int, default=0,
+                        help="another validation cut of the same rows (default 0: the standard)")
     parser.add_argument("--out", default="",
                         help="results name under bench/results (default recipe_compare[-flipF])")
     args = parser.parse_args()
 
-    suffix = f"-flip{args.flip:g}" if args.flip else ""
+    suffix = (f"-flip{args.flip:g}" if args.flip else "") + (
+        f"-split{args.split_seed}" if args.split_seed else "")
     rows: list[dict[str, Any]] = []
     path = None
     for name in args.sets:
-        b = load(name)
+        b = load(name, args.split_seed)
         k = len(b.labels)
         if k < 2:
             print(f"skipped {name}: {k} label(s) after its filtering; nothing to classify",
@@ -173,7 +178,8 @@ def main() -> None:
                "margin_macro_f1": head["macro_f1"] - lr["macro_f1"]}
         rows.append(row)
         print(line(row), f"\n    head's search: {head['scoring']}", flush=True)
-        path = save(args.out or f"recipe_compare{suffix}", {"flip": args.flip, "rows": rows})
+        path = save(args.out or f"recipe_compare{suffix}",
+                    {"flip": args.flip, "split_seed": args.split_seed, "rows": rows})
     print()
     print(table(rows))
     print(f"\nsaved {path}")
