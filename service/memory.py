@@ -11,9 +11,9 @@ and two background threads:
 - the *rebuilder* (niced, like the model load) notices when the worker starts serving another
   model (at start-up and after every swap) and rebuilds the memory for it: it runs the served
   classifier over every feedback text (embeddings and the model's own predictions in one pass),
-  calibrates the thresholds on the items the model never trained on (not in its version folder's
-  training data), keeps the labels a retrain added (the version's lineage) *memory-served* while
-  the memory answers their feedback better than the new head, and of the other labels keeps only
+  calibrates the thresholds on all of it, keeps the labels a retrain added (the version's lineage)
+  *memory-served* while the memory answers their feedback better than the new head (judged on the
+  items it never trained on: not in its version folder's data), and of the other labels keeps only
   the entries the model gets wrong (:func:`~adapters.serving.memory.rebuilt_memory`), then
   hands the new memory to the follower with the change-feed position it was built from.
   Changes committed meanwhile are replayed onto it (every change is idempotent), so none is
@@ -260,8 +260,8 @@ class FeedbackMemoryKeeper:
         items = self.store.all_feedback()
         embeddings, predicted = embed_texts(model, [item.text for item in items])
         folder = model.classifier.path
-        # Calibrated on the feedback the head never trained on (its version folder holds what it
-        # trained on); labels a retrain added stay the memory's while it answers them better.
+        # Labels a retrain added stay the memory's while it answers better than the head on the
+        # feedback the head never trained on (its version folder holds what it trained on).
         trained = trained_texts(folder)
         memory, calibration = rebuilt_memory(
             [item.id for item in items],
