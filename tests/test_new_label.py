@@ -138,8 +138,9 @@ def test_a_new_label_taught_with_80_examples_is_promoted_and_pending_labels_do_n
         state = wait_for(rebuilt, 60, what="the memory rebuilt for the new version")
         assert state["calibration"] is not None, state
         assert set(state["calibration"]["memory_served"]) <= {NEW}, state
-        # Calibrated on the feedback the new head never trained on (the retrain's held-out
-        # fifth and the 2 pending items: 31 here), not on all 142.
+        # Calibrated on all 142 feedback items, the ones the new head trained on included (there
+        # it is right, so the calibration errs towards the labels it knows; BENCHMARKS.md §5,
+        # change 6).
         assert state["feedback_items"] == 142, state
-        assert 18 <= state["calibration"]["items"] < 142, state
+        assert state["calibration"]["items"] == 142, state
         print("memory after the promotion:", json.dumps(state["calibration"]))
