@@ -99,13 +99,15 @@ def run_head(b: Benchmark, y_train: np.ndarray, y_val: np.ndarray) -> dict[str, 
     accuracy, f1 = scores(b.y("test"), predicted, k)
     best = fitted.config
     chosen = (f"linear C={best.c:g}" if best.is_linear else f"MLP {best.hidden_size}") + (
-        f", weights^{best.class_weight_power:g}" if best.class_weight_power else ", unweighted")
+        f", weights^{best.class_weight_power:g}" if best.class_weight_power else ", unweighted") + (
+        f", prior τ={best.prior_correction:g}" if best.prior_correction else "")
     search = fitted.search
     final = fitted.final_fit or {}
     return {"accuracy": accuracy, "macro_f1": f1, "config": chosen, "scoring": search["scoring"],
             "search_seconds": round(search["seconds"], 1), "seconds": round(seconds, 1),
             "trials": len(search["trials"]), "converged": fitted.trained.converged,
             "final_fit": final.get("data", "train"),
+            "prior_correction": search.get("prior_correction"),
             "selection_val": {"accuracy": fitted.trained.val_accuracy,
                               "macro_f1": fitted.trained.val_macro_f1}}
 

@@ -279,10 +279,11 @@ def test_class_weighting_choice_reaches_each_weightings_own_optimum():
         assert abs(cold.val_accuracy - trial["val_accuracy"]) < 1e-6
         assert abs(cold.val_macro_f1 - trial["val_macro_f1"]) < 1e-6
         if trial["class_weight_power"] == fitted.config.class_weight_power:
-            # The selection fit (train only); the served head is then refitted on train +
-            # validation.
+            # The selection fit (train only), with the prior correction chosen for it (recorded
+            # in the configuration); the served head is then refitted on train + validation.
+            chosen = train_head(x, y, xv, yv, 3, fitted.config, seed=0)
             difference = (head_probabilities(fitted.trained.head, xv)
-                          - head_probabilities(cold.head, xv))
+                          - head_probabilities(chosen.head, xv))
             assert np.abs(difference).max() < 1e-3
 
 
@@ -321,12 +322,14 @@ def test_final_head_is_fitted_on_train_and_validation(hidden_size):
     selection = fitted.trained
     assert fitted.selection_head is selection.head and fitted.head is not selection.head
     assert fitted.validation_head is selection.head
+    # The recorded configuration, with the prior correction the recipe chose (if any).
+    chosen = fitted.config
     if hidden_size:  # the MLP runs the selection fit's best epoch count on the pooled data
-        final_config = config.with_overrides(max_epochs=selection.best_epoch)
+        final_config = chosen.with_overrides(max_epochs=selection.best_epoch)
         expected = train_head(pooled_x, pooled_y, x_test[:0], data.y("test")[:0], 3,
                               final_config, 0, fixed_epochs=True)
     else:
-        expected = train_head(pooled_x, pooled_y, x_test[:0], data.y("test")[:0], 3, config, 0)
+        expected = train_head(pooled_x, pooled_y, x_test[:0], data.y("test")[:0], 3, chosen, 0)
     served = head_probabilities(fitted.head, x_test)
     assert np.abs(served - head_probabilities(expected.head, x_test)).max() < 2e-3
     # ... and it is not the head fitted on train alone.

@@ -19,6 +19,11 @@ Both weight the loss per class by ``count ** -class_weight_power`` (0: none, 0.5
 inverse frequency, 1: inverse frequency), normalised so the weights sum to the number of examples.
 Weighting shifts decisions towards rare classes; whether that helps depends on the data, so it is
 a choice made on validation data (``adapters.training.search``), never always on.
+
+After training, a *prior correction* may be folded into the output bias (``prior_correction``,
+:func:`correct_for_prior`): each class's logit gains ``τ · log(n_max / n_k)``, so decisions no
+longer lean towards the classes that were frequent in training. Its strength is also chosen on
+held-out data (:mod:`adapters.training.prior`), never always on.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import InitVar, asdict, dataclass, field
+from dataclasses import InitVar, asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -52,6 +57,11 @@ class HeadConfig:
     class_weight_power: float = 0.0
     """Class ``k`` weighs ``count_k ** -power`` in the loss: 0 none, 0.5 square root of inverse
     frequency, 1 inverse frequency (every class counts as much as any other)."""
+    prior_correction: float = 0.0
+    """Logit adjustment folded into the output bias after training: class ``k``'s logit gains
+    ``τ · log(n_max / n_k)`` for its training count ``n_k`` (0 none, 1 the balanced-error
+    correction). :func:`adapters.training.pipeline.fit_head` chooses it on held-out data
+    (:mod:`adapters.training.prior`)."""
     max_iterations: int = 1000
     """Linear head: the most L-BFGS iterations (it stops earlier once converged)."""
     dropout: float = 0.1
@@ -70,7 +80,8 @@ class HeadConfig:
     def __post_init__(self, class_weighting: bool | None) -> None:
         if class_weighting is not None:
             object.__setattr__(self, "class_weight_power", 1.0 if class_weighting else 0.0)
-        if self.hidden_size < 0 or self.c <= 0 or self.class_weight_power < 0:
+        if (self.hidden_size < 0 or self.c <= 0 or self.class_weight_power < 0
+                or self.prior_correction < 0):
             raise ValueError(f"invalid head configuration: {self}")
 
     @property
@@ -232,21 +243,13 @@ def train_head(
         head.fit_standardisation(x_train, rescale=not config.is_linear)
     else:
         copy_weights(warm_start[0], head, warm_start[1])
-    xt = torch.from_numpy(np.ascontiguousarray(x_train, dtype=np.float32))
+    xt = _tensor(x_train)
     yt = torch.from_numpy(y_train.astype(np.int64))
-    xv = torch.from_numpy(np.ascontiguousarray(x_val, dtype=np.float32))
-    yv = torch.from_numpy(y_val.astype(np.int64))
+    xv = _tensor(x_val)
     weight = class_weights(y_train, num_classes, config.class_weight_power)
 
     def validate(epoch: int, train_loss: float) -> EpochReport:
-        head.eval()
-        with torch.inference_mode():
-            logits = head(xv)
-            val_loss = float(nn.functional.cross_entropy(logits, yv)) if len(yv) else math.nan
-            predicted = logits.argmax(dim=1).numpy()
-        accuracy = float((predicted == y_val).mean()) if len(y_val) else 0.0
-        report = EpochReport(epoch, train_loss, val_loss, accuracy,
-                             macro_f1(y_val, predicted, num_classes))
+        report = EpochReport(epoch, train_loss, *_validation_scores(head, xv, y_val))
         if on_epoch is not None:
             on_epoch(report)
         return report
@@ -258,9 +261,61 @@ def train_head(
     small = len(xt) * x_train.shape[1] * config.batch_size < SMALL_WORK
     with _threads(1 if config.is_linear or small else None):
         if config.is_linear:
-            return _fit_linear(head, xt, yt, weight, config, validate, started)
-        return _fit_mlp(head, xt, yt, weight, config, generator, validate, started,
-                        fixed_epochs)
+            trained = _fit_linear(head, xt, yt, weight, config, validate, started)
+        else:
+            trained = _fit_mlp(head, xt, yt, weight, config, generator, validate, started,
+                               fixed_epochs)
+    if config.prior_correction:
+        trained = correct_for_prior(trained, y_train, x_val, y_val, config.prior_correction)
+    return trained
+
+
+def _tensor(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+
+
+def _validation_scores(
+    head: ClassifierHead, xv: torch.Tensor, y_val: np.ndarray
+) -> tuple[float, float, float]:
+    """Validation loss, accuracy and macro-F1 of ``head``."""
+    head.eval()
+    with torch.inference_mode():
+        logits = head(xv)
+        yv = torch.from_numpy(y_val.astype(np.int64))
+        val_loss = float(nn.functional.cross_entropy(logits, yv)) if len(yv) else math.nan
+        predicted = logits.argmax(dim=1).numpy()
+    accuracy = float((predicted == y_val).mean()) if len(y_val) else 0.0
+    return val_loss, accuracy, macro_f1(y_val, predicted, head.num_classes)
+
+
+def prior_offsets(counts: np.ndarray, strength: float) -> np.ndarray:
+    """What the prior correction adds to each logit of a head trained on ``counts`` examples per
+    class: ``τ · log(n_max / n_k)``, 0 for the most frequent class (the same decisions as
+    ``−τ · log π_k``; see :mod:`adapters.training.prior`). A class absent from training gets 0:
+    it has no frequency to correct, and boosting a class the head never saw only adds errors.
+    ``counts`` may hold one row of counts per example (the last axis is the classes)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if strength == 0.0:
+        return np.zeros(counts.shape)
+    largest = counts.max(axis=-1, keepdims=True)
+    return np.where(counts > 0, strength * np.log(np.maximum(largest, 1.0)
+                                                  / np.maximum(counts, 1.0)), 0.0)
+
+
+def correct_for_prior(
+    trained: TrainedHead, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+    strength: float,
+) -> TrainedHead:
+    """``trained`` with the prior correction of ``strength`` for its training labels ``y_train``
+    folded into its output bias (in place), and its validation scores measured again."""
+    head = trained.head
+    counts = np.bincount(y_train, minlength=head.num_classes)
+    with torch.no_grad():
+        output = cast(nn.Linear, head.net[-1])
+        output.bias.add_(torch.from_numpy(prior_offsets(counts, strength)).to(output.bias.dtype))
+    val_loss, accuracy, f1 = _validation_scores(head, _tensor(x_val), y_val)
+    return replace(trained, config=trained.config.with_overrides(prior_correction=strength),
+                   val_loss=val_loss, val_accuracy=accuracy, val_macro_f1=f1)
 
 
 SMALL_WORK = 100_000_000

@@ -59,11 +59,13 @@ from adapters.training.head import (
     ClassifierHead,
     HeadConfig,
     TrainedHead,
+    correct_for_prior,
     head_probabilities,
     load_head,
     save_head,
     train_head,
 )
+from adapters.training.prior import HeldOut, choose_strength
 from adapters.training.quantize import METHOD as INT8_METHOD
 from adapters.training.quantize import EncodedTest, Probe, check_int8, write_int8
 from adapters.training.search import SearchOptions, choose_trial, search_head
@@ -167,6 +169,10 @@ class HeadRecipe:
     """Without a search, train with and without class weighting and choose on validation by the
     search's rule (weighting only if it clears ``search.complex_bar``; a search chooses it among
     its other hyperparameters)."""
+    choose_prior_correction: bool = True
+    """Choose the strength of the prior correction (logit adjustment) on held-out data and fold
+    it into the head (:mod:`adapters.training.prior`); otherwise ``config.prior_correction`` is
+    applied as given."""
     final_fit_on_validation: bool = True
     """Once validation has chosen the configuration (and, for an MLP, the epoch count), fit the
     served head again on train + validation. The test split is never trained on."""
@@ -393,15 +399,18 @@ def fit_head(
     """
     x_train, y_train = data.embeddings["train"], data.y("train")
     x_val, y_val = data.embeddings["validation"], data.y("validation")
-    config = recipe.config
+    choose_prior = recipe.choose_prior_correction and len(y_val) > 0
+    # The correction is chosen on the held-out scores of the uncorrected candidates.
+    config = recipe.config.with_overrides(prior_correction=0.0) if choose_prior else recipe.config
     search_record: dict[str, Any] = {"strategy": "none"}
+    held_out: HeldOut | None = None
     if recipe.search.strategy != "none":
         reporter.phase("searching", recipe.search.strategy)
         search = search_head(
             x_train, y_train, x_val, y_val, data.num_classes, config, recipe.search, recipe.seed,
             on_trial=lambda _i, n, trial: reporter.event("trial", trials=n, **trial),
         )
-        config = search.best
+        config, held_out = search.best, search.held_out
         search_record = {"strategy": recipe.search.strategy, **search.to_manifest()}
 
     if recipe.large_batch_from is not None and len(y_train) >= recipe.large_batch_from:
@@ -454,6 +463,24 @@ def fit_head(
             "scoring": f"mean of validation accuracy and macro-F1; {reason}",
             "trials": [{k: v for k, v in t.items() if k not in ("score", "val_loss")}
                        for t in weighting_trials],
+        }}
+    if choose_prior:
+        if held_out is None or len(candidates) > 1:
+            # The search's held-out scores belong to another configuration, or there are none:
+            # the selection fit's own validation scores.
+            held_out = HeldOut(
+                np.log(head_probabilities(trained.head, x_val).clip(min=1e-38)), y_val,
+                np.tile(np.bincount(y_train, minlength=data.num_classes), (len(y_val), 1)))
+        strength, strength_trials = choose_strength(held_out, data.num_classes)
+        reporter.phase("training", f"prior correction: strength {strength:g}")
+        if strength:
+            trained = correct_for_prior(trained, y_train, x_val, y_val, strength)
+            config = trained.config
+        search_record = {**search_record, "prior_correction": {
+            "strength": strength,
+            "scoring": f"mean of accuracy and macro-F1 on {len(held_out.y)} held-out examples "
+                       "(validation, or out-of-fold under cross-validation); ties to the weaker",
+            "trials": strength_trials,
         }}
     fitted = FittedHead(
         head=trained.head, config=config, trained=trained, search=search_record, unfreeze=None,
@@ -558,8 +585,9 @@ def _unfreeze(fitted: FittedHead, recipe: HeadRecipe, reporter: Reporter) -> Fit
     # Fine-tuning trained on train alone, stopping on validation: its validation scores are its own.
     fitted.selection_head, fitted.final_fit = None, None
     # The head trained with the encoder may have another width: the manifest records the real one.
+    # It has no prior correction either: its strength was chosen for the head-only model.
     fitted.config = fitted.config.with_overrides(
-        hidden_size=fitted.config.hidden_size if hidden is None else hidden
+        hidden_size=fitted.config.hidden_size if hidden is None else hidden, prior_correction=0.0
     )
     fitted.encoder = EncoderSource(
         source.tokenizer, source.encoder,

@@ -28,9 +28,11 @@ validation examples decides, and on data where the extra freedom does not help i
 often as it wins: with a bar of one standard error, an MLP won on hwu64's validation split and
 lost on its test split (BENCHMARKS.md, issue 9).
 
-The search only chooses; :func:`adapters.training.pipeline.fit_head` then fits the chosen
-configuration on train alone (its validation scores are the ones reported) and again on train +
-validation for the served head.
+The search only chooses; :func:`adapters.training.pipeline.fit_head` then chooses the prior
+correction's strength on the chosen trial's held-out predictions (``SearchResult.held_out``: the
+validation split, or every row out-of-fold under cross-validation; :mod:`adapters.training.prior`),
+fits the chosen configuration on train alone (its validation scores are the ones reported) and
+again on train + validation for the served head.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from adapters.training.head import (
     selection_score,
     train_head,
 )
+from adapters.training.prior import HeldOut
 
 SearchStrategy = Literal["none", "grid", "random"]
 
@@ -86,6 +89,9 @@ class SearchResult:
     scoring: str
     trials: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    held_out: HeldOut | None = None
+    """The chosen trial's held-out (validation or out-of-fold) log-probabilities: what the prior
+    correction's strength is chosen on (:mod:`adapters.training.prior`)."""
 
     def to_manifest(self) -> dict[str, Any]:
         return {
@@ -178,7 +184,12 @@ def search_head(
     previous: dict[tuple[int, float], tuple[float, ClassifierHead]] = {}
     identity = list(range(num_classes))
     y_checked = np.concatenate([part[3] for part in parts])
-    predictions: list[np.ndarray] = []
+    # Each checked row's model was trained on its part's rows: the prior correction needs their
+    # class counts.
+    counts_checked = np.concatenate([
+        np.tile(np.bincount(part[1], minlength=num_classes), (len(part[3]), 1)) for part in parts
+    ])
+    log_probabilities: list[np.ndarray] = []
     trials: list[dict[str, Any]] = []
     for index, config in enumerate(configs):
         trial_started = time.perf_counter()
@@ -192,14 +203,9 @@ def search_head(
             if config.is_linear:
                 previous[key] = (config.c, trained.head)
             results.append(trained)
-        predictions.append(
-            np.concatenate(
-                [
-                    head_probabilities(r.head, part[2]).argmax(axis=1)
-                    for r, part in zip(results, parts, strict=True)
-                ]
-            )
-        )
+        log_probabilities.append(np.log(np.concatenate([
+            head_probabilities(r.head, part[2]) for r, part in zip(results, parts, strict=True)
+        ]).clip(min=1e-38)))
         accuracy = float(np.mean([r.val_accuracy for r in results]))
         f1 = float(np.mean([r.val_macro_f1 for r in results]))
         loss = float(np.mean([r.val_loss for r in results]))
@@ -219,10 +225,12 @@ def search_head(
         trials.append(trial)
         if on_trial is not None:
             on_trial(index + 1, len(configs), trial)
+    predictions = [p.argmax(axis=1) for p in log_probabilities]
     chosen, reason = choose_trial(configs, trials, predictions, y_checked, num_classes, seed,
                                   options.complex_bar)
     scoring += f"; {reason}"
-    return SearchResult(configs[chosen], scoring, trials, time.perf_counter() - started)
+    held_out = HeldOut(log_probabilities[chosen], y_checked, counts_checked)
+    return SearchResult(configs[chosen], scoring, trials, time.perf_counter() - started, held_out)
 
 
 def choose_trial(
