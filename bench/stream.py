@@ -241,6 +241,7 @@ def retrain(
         "version": name, "feedback": len(ids), "held_out": int(held.sum()),
         "labels": len(names), "train_rows": len(train[2]),
         "class_weight_power": fitted.config.class_weight_power,
+        "prior_correction": fitted.config.prior_correction,
         "steps": fitted.trained.epochs_run, "seconds": round(time.perf_counter() - started, 2),
     }
     return version, record
@@ -322,7 +323,8 @@ def run(name: str, options: StreamOptions, arms: tuple[str, ...] = ALL_ARMS) -> 
     started = time.perf_counter()
     v1 = first_version(bench, stream.old_labels, options)
     print(f"{name}: new labels {stream.new_labels}; {len(stream.labels)} predictions; "
-          f"first version in {time.perf_counter() - started:.0f}s", flush=True)
+          f"first version in {time.perf_counter() - started:.0f}s "
+          f"(prior correction {v1.config.prior_correction:g})", flush=True)
     versions = {"never": v1, "memory": v1, "retrain": v1, "both": v1}
     memories = {
         arm: FeedbackMemory(known_labels=v1.labels)
