@@ -488,8 +488,13 @@ def copy_weights(source: ClassifierHead, target: ClassifierHead, class_map: list
 @torch.inference_mode()
 def head_probabilities(head: ClassifierHead, embeddings: np.ndarray) -> np.ndarray:
     head.eval()
-    logits = head(torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32)))
-    return torch.softmax(logits, dim=1).numpy()
+    return torch.softmax(head(_tensor(embeddings)), dim=1).numpy()
+
+
+@torch.inference_mode()
+def head_log_probabilities(head: ClassifierHead, embeddings: np.ndarray) -> np.ndarray:
+    head.eval()
+    return torch.log_softmax(head(_tensor(embeddings)), dim=1).numpy()
 
 
 def save_head(head: ClassifierHead, path: Path) -> None:

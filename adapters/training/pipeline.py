@@ -60,6 +60,7 @@ from adapters.training.head import (
     HeadConfig,
     TrainedHead,
     correct_for_prior,
+    head_log_probabilities,
     head_probabilities,
     load_head,
     save_head,
@@ -468,9 +469,8 @@ def fit_head(
         if held_out is None or len(candidates) > 1:
             # The search's held-out scores belong to another configuration, or there are none:
             # the selection fit's own validation scores.
-            held_out = HeldOut(
-                np.log(head_probabilities(trained.head, x_val).clip(min=1e-38)), y_val,
-                np.tile(np.bincount(y_train, minlength=data.num_classes), (len(y_val), 1)))
+            held_out = HeldOut.of_parts(
+                [(head_log_probabilities(trained.head, x_val), y_val, y_train)], data.num_classes)
         strength, strength_trials = choose_strength(held_out, data.num_classes)
         reporter.phase("training", f"prior correction: strength {strength:g}")
         if strength:

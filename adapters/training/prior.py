@@ -39,6 +39,19 @@ class HeldOut:
     y: np.ndarray
     training_counts: np.ndarray
 
+    @classmethod
+    def of_parts(
+        cls, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], num_classes: int
+    ) -> HeldOut:
+        """From ``(log-probabilities, labels, training labels)`` of one model per part: one part
+        for a validation split, one per fold under cross-validation."""
+        return cls(
+            np.concatenate([log_p for log_p, _, _ in parts]),
+            np.concatenate([y for _, y, _ in parts]),
+            np.concatenate([np.tile(np.bincount(y_train, minlength=num_classes), (len(y), 1))
+                            for _, y, y_train in parts]),
+        )
+
 
 def choose_strength(held_out: HeldOut, num_classes: int) -> tuple[float, list[dict[str, Any]]]:
     """The strength with the best selection score on ``held_out`` (ties: the weaker one), and the

@@ -50,7 +50,7 @@ from adapters.training.head import (
     ClassifierHead,
     HeadConfig,
     TrainedHead,
-    head_probabilities,
+    head_log_probabilities,
     selection_score,
     train_head,
 )
@@ -184,12 +184,7 @@ def search_head(
     previous: dict[tuple[int, float], tuple[float, ClassifierHead]] = {}
     identity = list(range(num_classes))
     y_checked = np.concatenate([part[3] for part in parts])
-    # Each checked row's model was trained on its part's rows: the prior correction needs their
-    # class counts.
-    counts_checked = np.concatenate([
-        np.tile(np.bincount(part[1], minlength=num_classes), (len(part[3]), 1)) for part in parts
-    ])
-    log_probabilities: list[np.ndarray] = []
+    log_probabilities: list[list[np.ndarray]] = []  # per trial, per part
     trials: list[dict[str, Any]] = []
     for index, config in enumerate(configs):
         trial_started = time.perf_counter()
@@ -203,9 +198,8 @@ def search_head(
             if config.is_linear:
                 previous[key] = (config.c, trained.head)
             results.append(trained)
-        log_probabilities.append(np.log(np.concatenate([
-            head_probabilities(r.head, part[2]) for r, part in zip(results, parts, strict=True)
-        ]).clip(min=1e-38)))
+        log_probabilities.append([head_log_probabilities(r.head, part[2])
+                                  for r, part in zip(results, parts, strict=True)])
         accuracy = float(np.mean([r.val_accuracy for r in results]))
         f1 = float(np.mean([r.val_macro_f1 for r in results]))
         loss = float(np.mean([r.val_loss for r in results]))
@@ -225,11 +219,15 @@ def search_head(
         trials.append(trial)
         if on_trial is not None:
             on_trial(index + 1, len(configs), trial)
-    predictions = [p.argmax(axis=1) for p in log_probabilities]
+    predictions = [np.concatenate([p.argmax(axis=1) for p in trial]) for trial in log_probabilities]
     chosen, reason = choose_trial(configs, trials, predictions, y_checked, num_classes, seed,
                                   options.complex_bar)
     scoring += f"; {reason}"
-    held_out = HeldOut(log_probabilities[chosen], y_checked, counts_checked)
+    # Each held-out row's model was trained on its part's rows: the prior correction needs their
+    # class counts.
+    held_out = HeldOut.of_parts(
+        [(log_p, part[3], part[1]) for log_p, part in zip(log_probabilities[chosen], parts,
+                                                          strict=True)], num_classes)
     return SearchResult(configs[chosen], scoring, trials, time.perf_counter() - started, held_out)
 
 
