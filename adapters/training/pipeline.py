@@ -472,7 +472,8 @@ def fit_head(
             held_out = HeldOut.of_parts(
                 [(head_log_probabilities(trained.head, x_val), y_val, y_train)], data.num_classes)
         strength, strength_trials = choose_strength(held_out, data.num_classes)
-        reporter.phase("training", f"prior correction: strength {strength:g}")
+        reporter.phase("training", f"head: prior correction strength {strength:g}, chosen on "
+                                   f"{len(held_out.y)} held-out examples")
         if strength:
             trained = correct_for_prior(trained, y_train, x_val, y_val, strength)
             config = trained.config
