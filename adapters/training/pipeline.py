@@ -466,9 +466,7 @@ def fit_head(
                        for t in weighting_trials],
         }}
     if choose_prior:
-        if held_out is None or len(candidates) > 1:
-            # The search's held-out scores belong to another configuration, or there are none:
-            # the selection fit's own validation scores.
+        if held_out is None:  # no search: the selection fit's own validation scores
             held_out = HeldOut.of_parts(
                 [(head_log_probabilities(trained.head, x_val), y_val, y_train)], data.num_classes)
         strength, strength_trials = choose_strength(held_out, data.num_classes)
@@ -661,10 +659,12 @@ def register_version(
         # What a model that never saw each split answers on it, calibrated as the served head
         # is: the validation metrics and the drift reference are made of it (the served head is
         # over-confident on the validation split it was refitted on).
-        unseen = {**probabilities, "validation": head_probabilities(
-            fold_temperature(fitted.validation_head, calibration.temperature),
-            embeddings["validation"],
-        )}
+        unseen = dict(probabilities)
+        if fitted.validation_head is not fitted.head:
+            unseen["validation"] = head_probabilities(
+                fold_temperature(fitted.validation_head, calibration.temperature),
+                embeddings["validation"],
+            )
         for name in ("validation", "test"):
             metrics[name] = classification_report(
                 data.y(name), unseen[name].argmax(axis=1), labels
