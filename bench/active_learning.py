@@ -96,7 +96,8 @@ def run_arm(
         ids = list(range(1, len(labelled) + 1))
         started = time.perf_counter()
         version, _ = retrain(
-            version, ids, x[labelled], [stream.labels[i] for i in labelled], f"v{r + 2}", seed
+            version, ids, x[labelled], [stream.texts[i] for i in labelled],
+            [stream.labels[i] for i in labelled], f"v{r + 2}", seed,
         )
         retrain_seconds += time.perf_counter() - started
         accuracy = float((version.predict(x[eval_rows]) == truth[eval_rows]).mean())

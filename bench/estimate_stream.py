@@ -4,7 +4,7 @@
         [--seeds 0 1 2] [--search grid|none]
 
 The stream is bench/stream.py's (its functions are imported: ``build_stream``, ``first_version``,
-``retrain``, the memory's ``calibrated``): a data set's test traffic in 20 chunks, 3 labels the
+``retrain``, the memory's ``rebuilt``): a data set's test traffic in 20 chunks, 3 labels the
 first model never saw arriving from chunk 5, feedback on 20% of predictions (5% wrongly labelled),
 a retrain after every 100 feedback items, promoted from the next chunk. What this adds is what
 production does at training time and in the monitoring job:
@@ -49,9 +49,9 @@ from bench.stream import (  # noqa: E402
     StreamOptions,
     Version,
     build_stream,
-    calibrated,
     encode,
     first_version,
+    rebuilt,
     retrain,
 )
 
@@ -101,7 +101,7 @@ def in_distribution_windows(head: Any, v1: Version, stream: Any, seed: int) -> d
 
 
 def run(name: str, options: StreamOptions) -> dict[str, Any]:
-    from adapters.serving.memory import FeedbackMemory, prune_to_mistakes
+    from adapters.serving.memory import FeedbackMemory
     from adapters.training.head import head_probabilities
     from monitoring.estimate import estimate
 
@@ -133,11 +133,10 @@ def run(name: str, options: StreamOptions) -> dict[str, Any]:
     for c in range(options.chunks):
         if pending is not None:
             versions["retrain"] = versions["both"] = pending
-            prune_to_mistakes(memory, memory.ids, list(pending.predict(memory.embeddings.copy())))
             retrains[-1]["chunk"] = c
             pending = None
-        if fb_ids:
-            calibrated(memory, versions["both"], stream.x[fb_rows], fb_labels, fb_ids)
+        if fb_ids:  # the memory the service rebuilds (at a swap, and as feedback comes)
+            memory, _ = rebuilt(versions["both"], v1, stream.x[fb_rows], fb_labels, fb_ids)
         rows = np.flatnonzero(stream.chunk == c)
         for start in range(0, len(rows), options.batch_size):
             batch = rows[start : start + options.batch_size]
@@ -172,8 +171,9 @@ def run(name: str, options: StreamOptions) -> dict[str, Any]:
             since_retrain += len(given)
             if since_retrain >= options.retrain_after and pending is None:
                 pending, info = retrain(
-                    versions["retrain"], fb_ids, stream.x[fb_rows], fb_labels,
-                    f"v{len(retrains) + 2}", options.seed,
+                    versions["retrain"], fb_ids, stream.x[fb_rows],
+                    [stream.texts[r] for r in fb_rows], fb_labels, f"v{len(retrains) + 2}",
+                    options.seed,
                 )
                 heads[pending.name] = calibrated_head(pending)
                 info["temperature"] = round(heads[pending.name][1], 4)
