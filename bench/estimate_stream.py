@@ -61,11 +61,14 @@ TARGET_MAE = 0.02
 
 
 def calibrated_head(version: Version) -> tuple[Any, float]:
-    """The version's head with its temperature folded in, fitted on its validation split."""
+    """The version's head with its temperature folded in, fitted on its validation split as
+    ``register_version`` fits it: on the logits of the head that never trained on that split (the
+    served head was refitted on train + validation)."""
     from adapters.training.calibration import calibrate_head
 
     y_val = encode(version.y_val, version.labels)
-    result = calibrate_head(version.head, version.x_val, y_val, {})
+    result = calibrate_head(version.head, version.x_val, y_val, {},
+                            held_out_head=version.held_out_head)
     return result.head, result.temperature
 
 

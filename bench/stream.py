@@ -107,6 +107,9 @@ class Version:
     y_val: list[str]
     trained_on: set[int] = field(default_factory=set)
     """Feedback ids in its training or validation data (directly, or through replay)."""
+    held_out_head: Any = None
+    """The head that never trained on ``x_val`` (``FittedHead.validation_head``): what
+    ``register_version`` calibrates the temperature on."""
     _prototypes: np.ndarray | None = None
 
     @property
@@ -182,7 +185,8 @@ def first_version(bench: Benchmark, old: list[str], options: StreamOptions) -> V
         seed=options.seed, search=SearchOptions(options.search)  # type: ignore[arg-type]
     ).head_recipe()
     fitted = _fit(_splits(train, val, list(old)), recipe)
-    return Version("v1", fitted.head, list(old), fitted.config, *train, *val)
+    return Version("v1", fitted.head, list(old), fitted.config, *train, *val,
+                   held_out_head=fitted.validation_head)
 
 
 def retrain(
@@ -236,6 +240,7 @@ def retrain(
     version = Version(
         name, fitted.head, names, fitted.config, *train, *val,
         trained_on=champion.trained_on | {ids[p] for p in fb_train},
+        held_out_head=fitted.validation_head,
     )
     record = {
         "version": name, "feedback": len(ids), "held_out": int(held.sum()),
